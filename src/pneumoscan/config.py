@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -238,19 +239,76 @@ def _from_dict(cls: type, d: dict[str, Any], prefix: str) -> Any:
     if not isinstance(d, dict):
         raise ConfigError(f"config section '{prefix or 'root'}' must be a mapping")
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
     for key, value in d.items():
         if key not in fields:
             raise ConfigError(f"unknown config key '{prefix}{key}'")
-        f = fields[key]
         sub = _SECTIONS.get(key) if cls is TrainConfig else None
         if sub is not None:
             kwargs[key] = _from_dict(sub, value or {}, f"{key}.")
-        elif isinstance(f.default, tuple) and isinstance(value, list):
-            kwargs[key] = tuple(value)
         else:
-            kwargs[key] = value
+            kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}")
     return cls(**kwargs)
+
+
+_NONE_WORDS = frozenset({"none", "null", "~", ""})
+_TRUE_WORDS = frozenset({"true", "yes", "on", "1"})
+_FALSE_WORDS = frozenset({"false", "no", "off", "0"})
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML or ``--set`` value to the field's declared type: ``"1e-3"`` (a string
+    for YAML) becomes 0.001, ``"none"`` becomes ``None`` for optional fields, ``[0.5, 1]``
+    becomes a tuple; a value that does not fit raises ConfigError instead of failing later.
+
+    Args:
+        value: the value as parsed from YAML.
+        tp: the field's type hint.
+        key: the dotted key, for the error message.
+    """
+    args = typing.get_args(tp)
+    optional = type(None) in args
+    if optional:
+        if value is None or (isinstance(value, str) and value.strip().lower() in _NONE_WORDS):
+            return None
+        tp = next(a for a in args if a is not type(None))
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.strip().lower() in _TRUE_WORDS | _FALSE_WORDS:
+                return value.strip().lower() in _TRUE_WORDS
+            if isinstance(value, int) and value in (0, 1):
+                return bool(value)
+        elif tp is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            if isinstance(value, str):
+                return int(value.strip())
+        elif tp is float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+            if isinstance(value, str):
+                return float(value.strip())
+        elif tp is str:
+            if isinstance(value, str):
+                return value
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return str(value)
+        elif typing.get_origin(tp) is tuple:
+            items = typing.get_args(tp)
+            if isinstance(value, (list, tuple)) and len(value) == len(items):
+                return tuple(_coerce(v, t, key) for v, t in zip(value, items))
+        else:
+            return value
+    except (ValueError, ConfigError):
+        pass
+    expected = getattr(tp, "__name__", None) if typing.get_origin(tp) is None else None
+    expected = expected or str(tp)
+    raise ConfigError(f"config key '{key}' expects {expected}{' or none' if optional else ''}, got {value!r}")
 
 
 _SECTIONS: dict[str, type] = {

@@ -10,8 +10,10 @@ from __future__ import annotations
 import io
 import logging
 import os
+import stat
 import struct
 import warnings
+import zlib
 from pathlib import Path
 from typing import IO, Any, Union
 
@@ -26,8 +28,13 @@ ImageSource = Union[str, os.PathLike, bytes, bytearray, IO[bytes]]
 
 #: Largest image (pixels after any draft-mode reduction) pneumoscan decodes.
 MAX_PIXELS = 64_000_000
+#: Largest file (and largest inflated deflate-compressed DICOM data set) pneumoscan reads;
+#: a 64-megapixel image is 128 MB as 16-bit greyscale, 192 MB as 8-bit RGB.
+MAX_FILE_BYTES = 256 * 1024 * 1024
 #: Formats Pillow may decode for us.
 PIL_FORMATS = {"JPEG", "PNG", "BMP", "TIFF", "GIF", "WEBP", "MPO"}
+# Pillow plugins allowed to parse input (MPO files are recognised by the JPEG plugin).
+_OPEN_FORMATS = sorted(PIL_FORMATS - {"MPO"})
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".dcm", ".dicom", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
 
 # Pillow's own bomb check raises at 2x this; keep it consistent with ours.
@@ -43,23 +50,57 @@ def _name_of(source: ImageSource, name: str | None) -> str:
     return "<bytes>"
 
 
+def _too_big(name: str, size: int) -> ImageTooLargeError:
+    return ImageTooLargeError(name, f"file too large ({size:,} bytes; limit {MAX_FILE_BYTES:,})")
+
+
 def _open_bytes(source: ImageSource, name: str) -> bytes:
-    if isinstance(source, (bytes, bytearray)):
+    """The raw bytes of ``source``, refusing anything but regular files (a FIFO or a device
+    such as /dev/zero would hang or never end) and anything over :data:`MAX_FILE_BYTES`."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        if len(source) > MAX_FILE_BYTES:
+            raise _too_big(name, len(source))
         return bytes(source)
     if isinstance(source, (str, os.PathLike)):
-        p = Path(source)
-        if not p.exists():
-            raise ImageReadError(name, "file not found")
-        if p.is_dir():
-            raise ImageReadError(name, "is a directory, not an image")
         try:
-            return p.read_bytes()
-        except OSError as e:
-            raise ImageReadError(name, f"cannot read file ({e.strerror or e})") from e
-    try:
-        return source.read()
-    except Exception as e:  # noqa: BLE001 - any stream failure is a read error
-        raise ImageReadError(name, f"cannot read stream ({e})") from e
+            # O_NONBLOCK: opening a FIFO must not wait for a writer; harmless for files.
+            fd = os.open(source, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        except FileNotFoundError as e:
+            raise ImageReadError(name, "file not found") from e
+        except IsADirectoryError as e:
+            raise ImageReadError(name, "is a directory, not an image") from e
+        except (OSError, ValueError) as e:  # ValueError: embedded NUL byte in the path
+            reason = getattr(e, "strerror", None) or str(e)
+            raise ImageReadError(name, f"cannot open file ({reason})") from e
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                raise ImageReadError(name, "is a directory, not an image")
+            if not stat.S_ISREG(st.st_mode):
+                raise ImageReadError(name, "not a regular file (device, pipe or socket)")
+            if st.st_size > MAX_FILE_BYTES:
+                raise _too_big(name, st.st_size)
+        except BaseException:
+            os.close(fd)
+            raise
+        with os.fdopen(fd, "rb") as fh:
+            try:
+                data = fh.read(MAX_FILE_BYTES + 1)
+            except OSError as e:
+                raise ImageReadError(name, f"cannot read file ({e.strerror or e})") from e
+    else:
+        read = getattr(source, "read", None)
+        if read is None:
+            raise ImageReadError(name, f"not a path, bytes or binary stream ({type(source).__name__})")
+        try:
+            data = read(MAX_FILE_BYTES + 1)
+        except Exception as e:  # noqa: BLE001 - any stream failure is a read error
+            raise ImageReadError(name, f"cannot read stream ({e})") from e
+        if not isinstance(data, (bytes, bytearray)):
+            raise ImageReadError(name, "stream did not return bytes (open it in binary mode)")
+    if len(data) > MAX_FILE_BYTES:
+        raise _too_big(name, len(data))
+    return bytes(data)
 
 
 def is_dicom(data: bytes) -> bool:
@@ -96,8 +137,15 @@ def read_image_with_meta(
     data = _open_bytes(source, nm)
     if len(data) == 0:
         raise ImageReadError(nm, "empty file (0 bytes)")
-    if is_dicom(data) or nm.lower().endswith((".dcm", ".dicom")):
+    if is_dicom(data):
         return _read_dicom(data, nm)
+    if nm.lower().endswith((".dcm", ".dicom")):
+        # A .dcm name without the Part-10 magic: an ordinary image misnamed, or a DICOM data
+        # set written without preamble (which Pillow does not recognise).
+        try:
+            return _read_pil(data, nm, max_side)
+        except UnsupportedFormatError:
+            return _read_dicom(data, nm)
     return _read_pil(data, nm, max_side)
 
 
@@ -106,7 +154,8 @@ def _read_pil(data: bytes, name: str, max_side: int | None) -> tuple[np.ndarray,
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            # Only the formats pneumoscan reads: no other Pillow plugin ever parses the bytes.
+            img = Image.open(io.BytesIO(data), formats=_OPEN_FORMATS)
             fmt = img.format or "unknown"
             if fmt not in PIL_FORMATS:
                 raise UnsupportedFormatError(name, f"unsupported image format {fmt}")
@@ -121,6 +170,7 @@ def _read_pil(data: bytes, name: str, max_side: int | None) -> tuple[np.ndarray,
             img.seek(0)  # first frame of animated images
             img.load()
             arr, bits = _pil_to_grey(img)
+            colour = colour_stats(img)
     except ImageReadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -129,26 +179,32 @@ def _read_pil(data: bytes, name: str, max_side: int | None) -> tuple[np.ndarray,
         raise UnsupportedFormatError(name, "not a recognised image (JPEG, PNG or DICOM expected)") from e
     except (OSError, SyntaxError, ValueError, EOFError, TypeError, IndexError, KeyError, struct.error) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        if "MAX_TEXT_CHUNK" in msg or "text chunks" in msg:
+            raise ImageTooLargeError(name, "image metadata too large (compressed text-chunk bomb)") from e
         if "truncated" in msg.lower():
             msg = "truncated or corrupt image data"
-        raise ImageReadError(name, f"cannot decode image ({msg})") from e
+        raise ImageReadError(name, f"cannot decode image ({msg[:120]})") from e
     except MemoryError as e:
         raise ImageTooLargeError(name, "image too large to decode in memory") from e
-    meta = {"format": fmt, "mode": img.mode, "bits": bits, "original_size": original_size}
+    meta = {"format": fmt, "mode": img.mode, "bits": bits, "original_size": original_size, **colour}
     return arr, meta
 
 
 def _pil_to_grey(img: Image.Image) -> tuple[np.ndarray, int]:
     mode = img.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-        a = np.asarray(img, dtype=np.uint16).astype(np.float32)
-        return a / 65535.0, 16
+        a = np.asarray(img).astype(np.float32)
+        a /= np.float32(65535.0)
+        return a, 16
     if mode == "I":
-        a = np.asarray(img, dtype=np.int64).astype(np.float64)
-        hi = 65535.0 if a.max(initial=0) <= 65535 and a.min(initial=0) >= 0 else None
-        return _minmax(a) if hi is None else (a / hi).astype(np.float32), 32 if hi is None else 16
+        a = np.asarray(img)
+        if a.size and a.min() >= 0 and a.max() <= 65535:
+            out = a.astype(np.float32)
+            out /= np.float32(65535.0)
+            return out, 16
+        return _minmax(a), 32
     if mode == "F":
-        return _minmax(np.asarray(img, dtype=np.float64)), 32
+        return _minmax(np.asarray(img)), 32
     if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
         # composite on black: transparent regions carry no radiographic signal
         rgba = img.convert("RGBA")
@@ -156,78 +212,238 @@ def _pil_to_grey(img: Image.Image) -> tuple[np.ndarray, int]:
         img = Image.alpha_composite(bg, rgba)
     if img.mode != "L":
         img = img.convert("L")
-    return np.asarray(img, dtype=np.uint8).astype(np.float32) / 255.0, 8
+    out = np.asarray(img, dtype=np.uint8).astype(np.float32)
+    out /= np.float32(255.0)
+    return out, 8
 
 
 def _minmax(a: np.ndarray) -> np.ndarray:
-    a = np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-    lo, hi = float(a.min(initial=0.0)), float(a.max(initial=0.0))
-    if hi <= lo:
+    """Scale to ``[0, 1]`` by the finite minimum and maximum (NaN/inf become the minimum),
+    as float32 without float64 temporaries the size of the image."""
+    a = np.asarray(a)
+    if a.size == 0:
         return np.zeros(a.shape, dtype=np.float32)
-    return ((a - lo) / (hi - lo)).astype(np.float32)
+    if a.dtype.kind not in "biuf":
+        a = a.astype(np.float64)
+    if a.dtype.kind == "f":
+        finite = np.isfinite(a)
+        if not finite.all():
+            if not finite.any():
+                return np.zeros(a.shape, dtype=np.float32)
+            a = np.where(finite, a, a[finite].min())
+    lo, hi = float(a.min()), float(a.max())
+    if not hi > lo:
+        return np.zeros(a.shape, dtype=np.float32)
+    span = hi - lo
+    if span < 1e37:  # a - lo fits float32: subtract straight into the float32 output
+        out = np.empty(a.shape, dtype=np.float32)
+        np.subtract(a, lo, out=out, casting="unsafe")
+        out /= np.float32(span)
+    else:  # extreme float data: bring it into [-1, 1] first so that nothing overflows
+        m = max(abs(lo), abs(hi))
+        b = np.asarray(a, dtype=np.float64) / m
+        out = ((b - lo / m) / (hi / m - lo / m)).astype(np.float32)
+    np.clip(out, 0.0, 1.0, out=out)
+    return out
 
 
 # ----------------------------------------------------------------------------- DICOM
+_DEFLATED_TS = b"1.2.840.10008.1.2.1.99"
+_COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_420", "YBR_PARTIAL_422", "YBR_RCT", "YBR_ICT", "PALETTE COLOR")
+
+
+def _check_deflated_size(data: bytes, name: str) -> None:
+    """Refuse a Deflated Explicit VR Little Endian file whose data set inflates beyond
+    :data:`MAX_FILE_BYTES` (pydicom inflates it whole, in memory, while reading).
+
+    The inflated size is measured by streaming through zlib without keeping the output.
+    """
+    if len(data) < 144 or data[132:136] != b"\x02\x00\x00\x00" or data[136:138] != b"UL":
+        return
+    meta_end = 144 + struct.unpack("<I", data[140:144])[0]
+    if _DEFLATED_TS not in data[132:meta_end]:
+        return
+    d = zlib.decompressobj(-zlib.MAX_WBITS)
+    buf, total = data[meta_end:], 0
+    try:
+        while buf and not d.eof:
+            total += len(d.decompress(buf, 1 << 22))
+            if total > MAX_FILE_BYTES:
+                raise ImageTooLargeError(name, f"deflated DICOM data set inflates beyond {MAX_FILE_BYTES:,} bytes")
+            buf = d.unconsumed_tail
+    except zlib.error as e:
+        raise ImageReadError(name, f"invalid DICOM file (corrupt deflate stream: {e})") from e
+
+
+def _dicom_header(ds: Any) -> dict[str, Any]:
+    """The image attributes the reader relies on, validated (hostile files can hold anything)."""
+
+    def as_int(keyword: str, default: int) -> int:
+        v = ds.get(keyword, default)
+        v = default if v is None or v == "" else v
+        return int(v)
+
+    h = {
+        "rows": as_int("Rows", 0),
+        "cols": as_int("Columns", 0),
+        "frames": as_int("NumberOfFrames", 1),
+        "samples": as_int("SamplesPerPixel", 1),
+        "bits_allocated": as_int("BitsAllocated", 8),
+        "bits_stored": as_int("BitsStored", as_int("BitsAllocated", 8)),
+        "photometric": str(ds.get("PhotometricInterpretation", "MONOCHROME2") or "MONOCHROME2").strip().upper(),
+        "modality": str(ds.get("Modality", "") or ""),
+        "body_part": str(ds.get("BodyPartExamined", "") or ""),
+    }
+    if h["rows"] < 1 or h["cols"] < 1:
+        raise ValueError(f"image size {h['cols']}x{h['rows']}")
+    if h["frames"] < 1 or h["samples"] not in (1, 3, 4) or not 1 <= h["bits_allocated"] <= 64:
+        raise ValueError("frames/samples/bits")
+    return h
+
+
 def _read_dicom(data: bytes, name: str) -> tuple[np.ndarray, dict[str, Any]]:
     try:
         import pydicom
-        from pydicom.errors import InvalidDicomError
-    except ImportError as e:  # pragma: no cover - pydicom is a core dependency
-        raise UnsupportedFormatError(name, "DICOM support needs pydicom (pip install pydicom)") from e
-    try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=True)
-    except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError, struct.error) as e:
-        raise ImageReadError(name, f"invalid DICOM file ({e.__class__.__name__})") from e
-    except Exception as e:  # noqa: BLE001 - pydicom raises many types on hostile input
-        raise ImageReadError(name, f"invalid DICOM file ({e.__class__.__name__})") from e
-    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        raise ImageReadError(name, "DICOM file has no pixel data")
-    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-    if rows * cols > MAX_PIXELS:
-        raise ImageTooLargeError(name, f"image too large ({cols}x{rows} pixels; limit {MAX_PIXELS:,})")
-    try:
-        arr = ds.pixel_array
-    except (NotImplementedError, RuntimeError, ImportError) as e:
-        ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-        ts_name = getattr(ts, "name", str(ts)) if ts is not None else "unknown"
-        raise ImageReadError(name, f"no decoder available for DICOM transfer syntax '{ts_name}'") from e
-    except Exception as e:  # noqa: BLE001
-        raise ImageReadError(name, f"cannot decode DICOM pixel data ({e.__class__.__name__})") from e
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
-
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
-    nframes = int(ds.get("NumberOfFrames", 1) or 1)
-    if nframes > 1:
-        arr = arr[0]
-    if photometric in ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT", "PALETTE COLOR") or arr.ndim == 3:
-        if photometric.startswith("YBR"):
-            from pydicom.pixels import convert_color_space
-
-            arr = convert_color_space(arr, photometric, "RGB")
-        if arr.ndim == 3 and arr.shape[-1] in (3, 4):
-            arr = arr[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
-        out = _minmax(np.asarray(arr, dtype=np.float64))
-    else:
+        from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder
+    except ImportError as e:  # pragma: no cover - pydicom>=3 is a core dependency
+        raise UnsupportedFormatError(name, "DICOM support needs pydicom>=3 (pip install -U pydicom)") from e
+    _check_deflated_size(data, name)
+    with warnings.catch_warnings():
+        # pydicom warns about every deviation of hostile or sloppy files; the reader either
+        # succeeds or raises one ImageReadError, so the warnings are only logged.
+        warnings.simplefilter("ignore")
         try:
-            a = apply_modality_lut(arr, ds)
-            a = apply_voi_lut(a, ds, index=0)
+            ds = pydicom.dcmread(io.BytesIO(data), force=True)
+        except MemoryError as e:
+            raise ImageTooLargeError(name, "DICOM file too large to parse in memory") from e
+        except Exception as e:  # noqa: BLE001 - pydicom raises many types on hostile input
+            raise ImageReadError(name, f"invalid DICOM file ({e.__class__.__name__})") from e
+        try:
+            has_pixels = any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
         except Exception as e:  # noqa: BLE001
-            raise ImageReadError(name, f"invalid DICOM LUT/window ({e.__class__.__name__})") from e
-        a = np.asarray(a, dtype=np.float64)
-        if photometric == "MONOCHROME1":
-            a = a.max(initial=0.0) - a
-        out = _minmax(a)
+            raise ImageReadError(name, f"invalid DICOM file ({e.__class__.__name__})") from e
+        if not has_pixels:
+            raise ImageReadError(name, "DICOM file has no pixel data")
+        try:
+            h = _dicom_header(ds)
+        except Exception as e:  # noqa: BLE001
+            raise ImageReadError(name, f"invalid DICOM image attributes ({str(e) or e.__class__.__name__})") from e
+        if h["rows"] * h["cols"] > MAX_PIXELS:
+            raise ImageTooLargeError(name, f"image too large ({h['cols']}x{h['rows']} pixels; limit {MAX_PIXELS:,})")
+        try:
+            ts = _transfer_syntax(ds)
+        except Exception:  # noqa: BLE001 - hostile encodings; pydicom reports it when decoding
+            ts = None
+        try:
+            # Only the first frame is decoded (multi-frame files: the first image).
+            ds.pixel_array_options(index=0, as_rgb=True)
+            arr = ds.pixel_array
+        except MemoryError as e:
+            raise ImageTooLargeError(name, "DICOM pixel data too large to decode in memory") from e
+        except Exception as e:  # noqa: BLE001 - decoders raise many types on corrupt data
+            raise _dicom_decode_error(name, ts, e, get_decoder) from e
+        photometric = h["photometric"]
+        try:
+            arr = np.asarray(arr)
+            if photometric == "PALETTE COLOR" and arr.ndim == 2:
+                arr = apply_color_lut(arr, ds)
+            if arr.ndim == 3 and arr.shape[-1] in (3, 4):
+                # pydicom already converted YBR to RGB (as_rgb=True)
+                rgb = arr[..., :3]
+                grey = np.empty(rgb.shape[:2], dtype=np.float32)
+                np.multiply(rgb[..., 0], 0.299, out=grey, casting="unsafe")
+                grey += np.float32(0.587) * rgb[..., 1]
+                grey += np.float32(0.114) * rgb[..., 2]
+                out = _minmax(grey)
+            elif photometric in _COLOUR:
+                raise ValueError(f"{photometric} data of shape {arr.shape}")
+            else:
+                a = apply_modality_lut(arr, ds)
+                a = apply_voi_lut(a, ds, index=0)
+                if photometric == "MONOCHROME1":
+                    out = 1.0 - _minmax(a)  # inverted so that bone is bright, as in MONOCHROME2
+                else:
+                    out = _minmax(a)
+        except ImageReadError:
+            raise
+        except MemoryError as e:
+            raise ImageTooLargeError(name, "DICOM image too large to process in memory") from e
+        except Exception as e:  # noqa: BLE001
+            raise ImageReadError(name, f"invalid DICOM LUT/window or pixel layout ({e.__class__.__name__}: {str(e)[:80]})") from e
     if out.ndim != 2 or out.size == 0:
         raise ImageReadError(name, f"unexpected DICOM pixel array shape {tuple(out.shape)}")
+    out = out.astype(np.float32, copy=False)
     meta = {
         "format": "DICOM",
         "mode": photometric,
-        "bits": int(ds.get("BitsStored", ds.get("BitsAllocated", 8)) or 8),
+        "bits": h["bits_stored"],
         "original_size": (out.shape[1], out.shape[0]),
-        "modality": str(ds.get("Modality", "")),
-        "body_part": str(ds.get("BodyPartExamined", "")),
+        "modality": h["modality"],
+        "body_part": h["body_part"],
     }
     return out, meta
+
+
+def _transfer_syntax(ds: Any) -> Any:
+    """The data set's transfer syntax; for a data set written without file meta information
+    (no preamble), the uncompressed one pydicom detected while reading it."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(ds, "file_meta", None)
+    ts = getattr(meta, "TransferSyntaxUID", None) if meta is not None else None
+    if ts:
+        return ts
+    implicit, little = getattr(ds, "original_encoding", (None, None))
+    if implicit is None:
+        return None
+    ts = ImplicitVRLittleEndian if implicit else (ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+    if meta is None:
+        ds.file_meta = meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ts
+    return ts
+
+
+def _dicom_decode_error(name: str, ts: Any, e: Exception, get_decoder: Any) -> ImageReadError:
+    try:
+        ts_name = str(getattr(ts, "name", None) or ts or "unknown")[:64]
+    except Exception:  # noqa: BLE001 - a hostile UID value
+        ts_name = "unknown"
+    try:
+        compressed = bool(ts) and bool(ts.is_compressed)
+        available = compressed and get_decoder(ts).is_available
+    except Exception:  # noqa: BLE001 - unknown or non-image transfer syntax
+        compressed = available = False
+    if compressed and not available:
+        return UnsupportedFormatError(
+            name, f"no decoder available for DICOM transfer syntax '{ts_name}' (install pylibjpeg with its plugins, or gdcm)"
+        )
+    first = (str(e).strip().splitlines() or [e.__class__.__name__])[-1].strip()[:100]
+    return ImageReadError(name, f"cannot decode DICOM pixel data ({ts_name}: {first})")
+
+
+def colour_stats(img: Image.Image) -> dict[str, Any]:
+    """How colourful a decoded Pillow image is (X-rays are greyscale; the not-a-chest-X-ray
+    guard uses this). Measured on a copy reduced to about 256 px.
+
+    Args:
+        img: a loaded Pillow image, any mode.
+
+    Returns:
+        ``colour`` (more than 1 % of pixels have a chroma above 0.1), ``saturation`` (mean
+        chroma ``(max(R,G,B) - min(R,G,B)) / 255``) and ``colour_fraction`` (share of pixels
+        with a chroma above 0.1); zero for greyscale modes.
+    """
+    if img.mode not in ("RGB", "RGBA", "RGBX", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
+        return {"colour": False, "saturation": 0.0, "colour_fraction": 0.0}
+    step = max(1, max(img.size) // 256)
+    small = img.convert("RGB")
+    if step > 1:
+        small = small.reduce(step)
+    a = np.asarray(small, dtype=np.uint8)
+    chroma = (a.max(axis=-1).astype(np.int16) - a.min(axis=-1)).astype(np.float32) / 255.0
+    frac = float((chroma > 0.1).mean()) if chroma.size else 0.0
+    return {"colour": frac > 0.01, "saturation": float(chroma.mean()) if chroma.size else 0.0, "colour_fraction": frac}
 
 
 def to_uint8(arr: np.ndarray) -> np.ndarray:

@@ -1,30 +1,26 @@
 """``pneumoscan data summary``: what a researcher looks at first."""
 from __future__ import annotations
 
-import hashlib
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
-from ..errors import DataError
+from ..errors import DataError, ImageReadError
+from ..utils.io import sha256_file
 from .datasets import CLASS_NAMES, Sample, load_samples
 
 
 def _image_size(path: str) -> tuple[int, int] | None:
-    try:
-        with Image.open(path) as im:
-            return im.size
-    except Exception:  # noqa: BLE001 - DICOM or unreadable: size from the reader instead
-        try:
-            from .io import read_image
+    """Original ``(width, height)``, or ``None`` when pneumoscan's reader cannot decode the
+    file (a readable header is not enough: truncated or unsupported files count as unreadable)."""
+    from .io import read_image_with_meta
 
-            a = read_image(path)
-            return a.shape[1], a.shape[0]
-        except Exception:  # noqa: BLE001
-            return None
+    try:
+        return read_image_with_meta(path, max_side=256)[1]["original_size"]
+    except ImageReadError:
+        return None
 
 
 def summarize(data: str | Path, splits: tuple[str, ...] = ("train", "val", "test")) -> dict[str, Any]:
@@ -50,8 +46,7 @@ def summarize(data: str | Path, splits: tuple[str, ...] = ("train", "val", "test
     for split, samples in per_split.items():
         sizes, unreadable = [], 0
         for s in samples:
-            with open(s.path, "rb") as fh:
-                hashes[hashlib.sha256(fh.read()).hexdigest()].append((split, s.path))
+            hashes[sha256_file(s.path)].append((split, s.path))
             sz = _image_size(s.path)
             if sz is None:
                 unreadable += 1

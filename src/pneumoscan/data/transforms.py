@@ -69,7 +69,10 @@ def preprocess_batch(images: list[np.ndarray | torch.Tensor], size: int) -> torc
             t = t.unsqueeze(0)
         if t.dtype == torch.uint8:
             t = t.float().div_(255.0)
-        t = t.float().unsqueeze(0)
+        else:
+            # a new tensor (never the caller's memory), finite and in [0, 1] before resizing
+            t = torch.nan_to_num(t.float(), nan=0.0, posinf=1.0, neginf=0.0).clamp_(0.0, 1.0)
+        t = t.unsqueeze(0)
         if t.shape[-2:] != (size, size):
             t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         out.append(t[0].clamp_(0.0, 1.0))

@@ -84,3 +84,119 @@ def select_threshold(
     else:
         raise ValueError(f"unknown threshold method '{method}'")
     return float(np.clip(thr[i], 1e-6, 1 - 1e-6))
+
+
+def logit(p: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """Inverse of :func:`sigmoid` (probabilities clipped away from 0 and 1).
+
+    Args:
+        p: probabilities.
+        eps: clipping margin.
+    """
+    q = np.clip(np.asarray(p, dtype=np.float64), eps, 1 - eps)
+    return np.log(q) - np.log1p(-q)
+
+
+def reliability_curve(probs: Sequence[float], labels: Sequence[int], n_bins: int = 15) -> dict[str, np.ndarray]:
+    """Per-bin statistics of a reliability diagram (equal-width bins on [0, 1], the bins of
+    the reported ECE).
+
+    Args:
+        probs: predicted probabilities of PNEUMONIA.
+        labels: 0/1 labels.
+        n_bins: number of bins.
+
+    Returns:
+        ``edges`` (n_bins + 1), ``count``, ``mean_prob`` and ``frac_pos`` per bin (NaN for
+        empty bins).
+    """
+    p = np.asarray(probs, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.float64)
+    b = np.clip(np.floor(np.clip(p, 0, 1) * n_bins).astype(np.int64), 0, n_bins - 1)
+    count = np.bincount(b, minlength=n_bins).astype(np.float64)
+    sum_p = np.bincount(b, weights=p, minlength=n_bins)
+    sum_y = np.bincount(b, weights=y, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_p = np.where(count > 0, sum_p / count, np.nan)
+        frac = np.where(count > 0, sum_y / count, np.nan)
+    return {"edges": np.linspace(0, 1, n_bins + 1), "count": count, "mean_prob": mean_p, "frac_pos": frac}
+
+
+def calibration_summary(logits: Sequence[float], labels: Sequence[int], temperature: float, n_bins: int = 15) -> dict[str, float | int | None]:
+    """ECE, Brier score and negative log-likelihood before (``T = 1``) and after temperature
+    scaling, e.g. on a checkpoint's stored validation logits.
+
+    Args:
+        logits: raw logits.
+        labels: 0/1 labels.
+        temperature: the fitted temperature.
+        n_bins: ECE bins.
+
+    Returns:
+        ``n``, ``temperature``, ``ece_before``, ``ece_after``, ``brier_before``,
+        ``brier_after``, ``nll_before``, ``nll_after`` (``None`` when there are no logits).
+    """
+    from .metrics import brier_score, expected_calibration_error
+
+    z = np.asarray(logits, dtype=np.float64).reshape(-1)
+    y = np.asarray(labels, dtype=np.int64).reshape(-1)
+    out: dict[str, float | int | None] = {"n": int(z.size), "temperature": float(temperature)}
+    if z.size == 0 or z.size != y.size:
+        return out | {k: None for k in ("ece_before", "ece_after", "brier_before", "brier_after", "nll_before", "nll_after")}
+    for tag, t in (("before", 1.0), ("after", float(temperature))):
+        p = sigmoid(z / t)
+        out[f"ece_{tag}"] = expected_calibration_error(y, p, n_bins)
+        out[f"brier_{tag}"] = brier_score(y, p)
+        q = np.clip(p, 1e-12, 1 - 1e-12)
+        out[f"nll_{tag}"] = float(-np.mean(y * np.log(q) + (1 - y) * np.log1p(-q)))
+    return out
+
+
+def recalibrate(
+    ckpt: dict, method: str = "youden", target_sensitivity: float = 0.95, refit_temperature: bool = True
+) -> dict:
+    """Re-derive temperature and operating threshold from a checkpoint's stored validation
+    logits (``val_logits``/``val_labels``), without retraining.
+
+    Args:
+        ckpt: a checkpoint dict (as from ``load_checkpoint``); not modified.
+        method: ``"youden"``, ``"sensitivity"`` or ``"f1"`` (see :func:`select_threshold`).
+        target_sensitivity: sensitivity the ``"sensitivity"`` rule must reach.
+        refit_temperature: fit the temperature again (otherwise keep the stored one).
+
+    Returns:
+        A new checkpoint dict with ``threshold``, ``temperature``, ``threshold_method``,
+        ``target_sensitivity`` and ``val_metrics`` replaced.
+
+    Raises:
+        CheckpointError: the checkpoint holds no validation logits.
+        ConfigError: unknown method or target outside (0, 1].
+    """
+    from ..errors import CheckpointError, ConfigError
+    from .metrics import threshold_metrics, roc_auc
+
+    if method not in ("youden", "sensitivity", "f1"):
+        raise ConfigError(f"unknown threshold method '{method}' (youden, sensitivity or f1)")
+    if not 0.0 < target_sensitivity <= 1.0:
+        raise ConfigError(f"target sensitivity must be in (0, 1], got {target_sensitivity}")
+    z = np.asarray(ckpt.get("val_logits") or [], dtype=np.float64)
+    y = np.asarray(ckpt.get("val_labels") or [], dtype=np.int64)
+    if z.size == 0 or z.size != y.size:
+        raise CheckpointError("the checkpoint stores no validation logits (val_logits/val_labels); retrain or evaluate instead")
+    if y.min() == y.max():
+        raise CheckpointError("the stored validation split has a single class; no threshold can be derived from it")
+    t = fit_temperature(z, y) if refit_temperature else float(ckpt.get("temperature", 1.0))
+    probs = sigmoid(z / t)
+    thr = select_threshold(probs, y, method, target_sensitivity)
+    tm = threshold_metrics(y, probs, thr)
+    metrics = {
+        "n": int(y.size), "accuracy": tm["accuracy"], "sensitivity": tm["sensitivity"], "specificity": tm["specificity"],
+        "roc_auc": roc_auc(y, probs), "threshold": float(thr),
+    }
+    out = {k: v for k, v in ckpt.items() if k != "_path"}
+    out.update({"threshold": float(thr), "temperature": float(t), "threshold_method": method, "val_metrics": metrics})
+    if method == "sensitivity":
+        out["target_sensitivity"] = float(target_sensitivity)
+    else:
+        out.pop("target_sensitivity", None)
+    return out

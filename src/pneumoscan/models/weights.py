@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ..errors import WeightsError
-from ..utils.io import sha256_file
+from ..utils.io import atomic_path, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -47,30 +47,46 @@ def verify_file(path: str | Path, sha256: str | None = None) -> str:
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path}")
-    digest = sha256_file(path)
-    expected = sha256
+    expected = _check_hex(sha256) if sha256 is not None else None
     if expected is None:
         m = _HASH_IN_NAME.search(path.name)
         expected = m.group(1) if m else None
-    if expected and not digest.startswith(expected.lower()):
+    try:
+        digest = sha256_file(path)
+    except OSError as e:
+        raise WeightsError(f"{path}: cannot read weights file ({e.strerror or e})") from e
+    if expected and not digest.startswith(expected):
         raise WeightsError(f"{path}: sha256 {digest[:12]}… does not match the expected {expected[:12]}…")
     return digest
+
+
+def _check_hex(sha256: str) -> str:
+    """A user-given sha256 (full or a prefix of at least 8 hex digits), lower-cased."""
+    h = sha256.strip().lower()
+    if not re.fullmatch(r"[0-9a-f]{8,64}", h):
+        raise WeightsError(f"--sha256 must be 8 to 64 hexadecimal digits, got {sha256!r}")
+    return h
 
 
 def load_state_dict_file(path: str | Path, sha256: str | None = None) -> dict[str, torch.Tensor]:
     """Load a state dict (or a checkpoint holding ``state_dict``/``model``) safely."""
     verify_file(path, sha256)
+    return _load_weights_only(path, path)
+
+
+def _load_weights_only(path: str | Path, shown: str | Path) -> dict[str, torch.Tensor]:
+    """``torch.load(weights_only=True)`` of a state dict; errors name ``shown``."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - pickle errors vary
-        raise WeightsError(f"{path}: not a safe weights-only PyTorch file ({e.__class__.__name__})") from e
+        raise WeightsError(f"{shown}: not a safe weights-only PyTorch file ({e.__class__.__name__})") from e
     if isinstance(obj, dict):
         for key in ("state_dict", "model"):
             if isinstance(obj.get(key), dict):
                 obj = obj[key]
                 break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise WeightsError(f"{path}: does not hold a state dict")
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"{shown}: does not hold a state dict")
     return obj
 
 
@@ -113,11 +129,16 @@ def import_weights(path: str | Path, sha256: str | None = None, dest_dir: str | 
         )
     digest = verify_file(path, sha256)
     dest = Path(dest_dir) if dest_dir else hub_checkpoint_dir()
-    dest.mkdir(parents=True, exist_ok=True)
     target = dest / path.name
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.copyfile(path, tmp)
-    os.replace(tmp, target)
+    try:
+        with atomic_path(target) as tmp:
+            shutil.copyfile(path, tmp)
+            # the copy is what gets used: verify it, and that it is a weights-only state dict
+            if sha256_file(tmp) != digest:
+                raise WeightsError(f"{path}: the file changed while it was being imported")
+            _load_weights_only(tmp, path)
+    except OSError as e:
+        raise WeightsError(f"cannot import {path.name} into {dest} ({e.strerror or e})") from e
     log.info("imported %s (sha256 %s) into %s", path.name, digest[:12], dest)
     return target
 

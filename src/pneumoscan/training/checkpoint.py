@@ -20,10 +20,22 @@ FORMAT = "pneumoscan-checkpoint/1"
 
 
 def save_checkpoint(ckpt: dict[str, Any], path: str | Path) -> None:
-    """Write a checkpoint dict atomically (temporary file + rename)."""
+    """Write a checkpoint dict atomically (temporary file + rename): after a crash or a
+    full disk the previous file at ``path`` is still there, complete.
+
+    Args:
+        ckpt: plain dict of tensors and built-in types (what ``weights_only`` loading accepts).
+        path: destination ``.pt`` file.
+
+    Raises:
+        CheckpointError: the file could not be written (the old one is kept).
+    """
     ckpt = dict(ckpt)
     ckpt.setdefault("format", FORMAT)
-    atomic_save_torch(ckpt, path)
+    try:
+        atomic_save_torch(ckpt, path)
+    except OSError as e:
+        raise CheckpointError(f"cannot write checkpoint {path} ({e.strerror or e}); the previous file is unchanged") from e
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -44,10 +56,20 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{p}: refused to load (not a weights-only checkpoint; it may contain code)") from e
-    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, TypeError, KeyError) as e:
+    except MemoryError as e:
+        raise CheckpointError(f"{p}: not a readable PyTorch checkpoint (too large for memory)") from e
+    except Exception as e:  # noqa: BLE001 - corrupt archives raise RuntimeError, EOFError, zipfile errors, ...
         raise CheckpointError(f"{p}: not a readable PyTorch checkpoint ({e.__class__.__name__})") from e
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "model_name" not in ckpt:
         raise CheckpointError(f"{p}: not a pneumoscan checkpoint (no model_name/state_dict)")
+    sd = ckpt["state_dict"]
+    if not isinstance(ckpt["model_name"], str) or not isinstance(sd, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()
+    ):
+        raise CheckpointError(f"{p}: malformed pneumoscan checkpoint (model_name must be a string, state_dict a dict of tensors)")
+    for key in ("model_kwargs", "preprocessing"):
+        if ckpt.get(key) is not None and not isinstance(ckpt[key], dict):
+            raise CheckpointError(f"{p}: malformed pneumoscan checkpoint ('{key}' must be a dict)")
     ckpt["_path"] = str(p)
     return ckpt
 
@@ -57,7 +79,10 @@ def model_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
     from ..models import create_model
 
     kwargs = dict(ckpt.get("model_kwargs") or {})
-    model = create_model(ckpt["model_name"], weights=None, **kwargs)
+    try:
+        model = create_model(ckpt["model_name"], weights=None, **kwargs)
+    except TypeError as e:  # model_kwargs the builder does not take
+        raise CheckpointError(f"checkpoint model arguments do not fit model '{ckpt['model_name']}' ({e})") from e
     sd = {k: v.float() if torch.is_floating_point(v) else v for k, v in ckpt["state_dict"].items()}
     try:
         model.load_state_dict(sd)

@@ -1,0 +1,19 @@
+"""The not-a-chest-X-ray guard: refuse photographs, documents, screenshots, CT/MR slices,
+blank or noise images before a pneumonia probability is given.
+
+::
+
+    from pneumoscan.data.io import read_image_with_meta
+    from pneumoscan.guard import check
+
+    image, meta = read_image_with_meta("upload.png", max_side=512)
+    ok, reason, score = check(image, meta)
+
+See :mod:`pneumoscan.guard.core` for the design and ``docs/guard.md`` for its measured
+refusal and acceptance rates.
+"""
+from __future__ import annotations
+
+from .core import Guard, GuardResult, check, default_guard_path
+
+__all__ = ["Guard", "GuardResult", "check", "default_guard_path"]

@@ -1,0 +1,253 @@
+"""The not-a-chest-X-ray guard: decide, before answering, whether an input is a frontal
+chest radiograph.
+
+Two stages, both deterministic and cheap (a few milliseconds per image):
+
+1. **Rules** on the reader's metadata and obvious properties: a DICOM modality other than a
+   radiograph (CT, MR, US, ...), a DICOM body part other than the chest, a colour image,
+   a blank image, an image too small or with an aspect ratio no chest film has.
+2. A **logistic regression** on :func:`pneumoscan.guard.features.image_features`, fitted by
+   ``pneumoscan guard fit`` on chest X-rays versus photographs, documents, screenshots,
+   charts, noise, CT/MR slices... Its parameters ship as JSON in
+   ``pneumoscan/assets/guard/guard.json`` (no pickle, no extra dependency at run time).
+
+Use::
+
+    from pneumoscan.guard import check
+    ok, reason, score = check(image, meta)     # image from read_image_with_meta
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from ..data.io import ImageSource, read_image_with_meta
+from ..errors import ConfigError
+from .features import image_features
+
+log = logging.getLogger(__name__)
+
+FORMAT = "pneumoscan-guard/1"
+GUARD_DIR = "assets/guard"
+GUARD_FILE = "guard.json"
+
+#: DICOM modalities that can hold a chest radiograph (CR, DX; DR and RG appear in older
+#: files; OT/SC "other"/secondary capture and an empty value are left to the classifier).
+RADIOGRAPH_MODALITIES = {"", "CR", "DX", "DR", "RG", "OT", "SC", "PX"}
+MODALITY_NAMES = {
+    "CT": "computed tomography", "MR": "magnetic resonance", "US": "ultrasound", "NM": "nuclear medicine",
+    "PT": "PET", "MG": "mammography", "XA": "angiography", "RF": "fluoroscopy", "OP": "ophthalmic photography",
+    "XC": "external camera photography", "SM": "slide microscopy", "IO": "intra-oral radiography",
+    "ES": "endoscopy", "OCT": "optical coherence tomography", "SEG": "segmentation", "RTDOSE": "radiotherapy dose",
+}
+#: Values of DICOM BodyPartExamined accepted as chest (anything else non-empty is refused).
+CHEST_BODY_PARTS = ("CHEST", "THORAX", "LUNG", "TORSO", "WHOLEBODY", "BODY", "PORTABLE", "CXR", "TRUNK")
+
+DEFAULT_RULES: dict[str, float] = {
+    "min_side": 64,  # pixels of the original image
+    "max_aspect": 3.0,  # width / height
+    "min_aspect": 0.4,
+    "min_contrast": 0.04,  # 99th minus 1st intensity percentile
+    "max_colour_fraction": 0.05,  # share of clearly coloured pixels
+}
+
+
+@dataclass
+class GuardResult:
+    """The guard's answer for one image.
+
+    Unpacks as ``ok, reason, score = result``.
+
+    Attributes:
+        ok: True when the image is accepted as a frontal chest X-ray.
+        reason: why it was refused (one line), ``None`` when accepted.
+        score: the classifier's probability that the image is a chest X-ray (0 when a rule
+            refused it before the classifier ran).
+        rule: which check decided a refusal (``dicom_modality``, ``dicom_body_part``,
+            ``too_small``, ``aspect``, ``blank``, ``colour``, ``classifier``) or ``None``.
+        features: the feature values (only when requested).
+    """
+
+    ok: bool
+    reason: str | None
+    score: float
+    rule: str | None = None
+    features: dict[str, float] | None = field(default=None, repr=False)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.ok, self.reason, self.score))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready ``{"ok", "reason", "score", "rule"}``."""
+        return {"ok": self.ok, "reason": self.reason, "score": round(self.score, 4), "rule": self.rule}
+
+
+class Guard:
+    """A fitted guard: rules plus a logistic regression on image features.
+
+    Args:
+        params: the parameter dict (the content of ``guard.json``): ``features`` (names),
+            ``mean``/``scale`` (standardisation), ``coef``/``intercept``, ``threshold`` (on
+            the probability of being a chest X-ray), ``template`` (``16×16`` mean chest
+            thumbnail) and optional ``rules`` overriding :data:`DEFAULT_RULES`.
+
+    Raises:
+        ConfigError: malformed parameters.
+    """
+
+    def __init__(self, params: dict[str, Any]) -> None:
+        try:
+            if params.get("format") != FORMAT:
+                raise ValueError(f"format {params.get('format')!r}, expected {FORMAT!r}")
+            self.names: list[str] = [str(n) for n in params["features"]]
+            self.mean = np.asarray(params["mean"], dtype=np.float64)
+            self.scale = np.asarray(params["scale"], dtype=np.float64)
+            self.coef = np.asarray(params["coef"], dtype=np.float64)
+            self.intercept = float(params["intercept"])
+            self.threshold = float(params["threshold"])
+            tpl = params.get("template")
+            self.template = None if tpl is None else np.asarray(tpl, dtype=np.float64)
+            n = len(self.names)
+            if not (self.mean.shape == self.scale.shape == self.coef.shape == (n,)):
+                raise ValueError("features, mean, scale and coef must have the same length")
+            if not np.all(np.isfinite(self.coef)) or not 0.0 < self.threshold < 1.0:
+                raise ValueError("non-finite coefficients or threshold outside (0, 1)")
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"invalid guard parameters ({e})") from e
+        self.rules = {**DEFAULT_RULES, **{k: float(v) for k, v in (params.get("rules") or {}).items()}}
+        self.params = params
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Guard":
+        """Load guard parameters from a JSON file.
+
+        Args:
+            path: a ``guard.json`` written by ``pneumoscan guard fit``.
+
+        Raises:
+            ConfigError: missing or malformed file.
+        """
+        p = Path(path)
+        try:
+            params = json.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError as e:
+            raise ConfigError(f"guard parameters not found: {p}") from e
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot read guard parameters {p} ({e})") from e
+        if not isinstance(params, dict):
+            raise ConfigError(f"{p}: guard parameters must be a JSON object")
+        return cls(params)
+
+    @classmethod
+    def default(cls) -> "Guard":
+        """The shipped guard (``pneumoscan/assets/guard/guard.json``), loaded once."""
+        return _default_guard()
+
+    # ------------------------------------------------------------------ decision
+    def features(self, image: np.ndarray, meta: dict[str, Any] | None = None) -> dict[str, float]:
+        """The classifier's input features of one image (see :func:`image_features`)."""
+        return image_features(image, meta, self.template)
+
+    def score(self, image: np.ndarray, meta: dict[str, Any] | None = None) -> float:
+        """Probability (per the classifier) that ``image`` is a frontal chest X-ray."""
+        return self._score(self.features(image, meta))
+
+    def _score(self, feats: dict[str, float]) -> float:
+        v = np.array([feats.get(n, 0.0) for n in self.names], dtype=np.float64)
+        z = float(((v - self.mean) / self.scale) @ self.coef + self.intercept)
+        return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
+
+    def check(self, image: np.ndarray, meta: dict[str, Any] | None = None, *, with_features: bool = False) -> GuardResult:
+        """Accept or refuse one decoded image.
+
+        Args:
+            image: 2-D float greyscale in [0, 1] (from :func:`pneumoscan.data.io.read_image`).
+            meta: the reader's metadata (from ``read_image_with_meta``): DICOM modality and
+                body part, colour statistics and original size make the decision better;
+                without it only the pixels are judged.
+            with_features: also return the feature values.
+
+        Returns:
+            A :class:`GuardResult` (unpacks as ``ok, reason, score``).
+        """
+        meta = meta or {}
+        refusal = self._rules(image, meta)
+        if refusal is not None:
+            rule, reason = refusal
+            return GuardResult(False, reason, 0.0, rule)
+        feats = self.features(image, meta)
+        s = self._score(feats)
+        if s < self.threshold:
+            reason = f"does not look like a frontal chest X-ray (guard score {s:.2f} < {self.threshold:.2f})"
+            return GuardResult(False, reason, s, "classifier", feats if with_features else None)
+        return GuardResult(True, None, s, None, feats if with_features else None)
+
+    def check_source(self, source: ImageSource, *, name: str | None = None, max_side: int | None = 512) -> GuardResult:
+        """Read an image (path, bytes or stream) and :meth:`check` it.
+
+        Raises:
+            ImageReadError: the input cannot be read as an image.
+        """
+        img, meta = read_image_with_meta(source, max_side=max_side, name=name)
+        return self.check(img, meta)
+
+    def _rules(self, image: np.ndarray, meta: dict[str, Any]) -> tuple[str, str] | None:
+        r = self.rules
+        if str(meta.get("format", "")).upper() == "DICOM":
+            modality = str(meta.get("modality", "") or "").strip().upper()
+            if modality not in RADIOGRAPH_MODALITIES:
+                what = MODALITY_NAMES.get(modality, "not a radiograph")
+                return "dicom_modality", f"DICOM modality {modality} ({what}) is not a chest radiograph"
+            part = str(meta.get("body_part", "") or "").strip().upper()
+            if part and not any(c in part.replace(" ", "") for c in CHEST_BODY_PARTS):
+                return "dicom_body_part", f"DICOM body part {part} is not the chest"
+        if image.ndim != 2 or image.size == 0:
+            return "blank", "not a 2-D image"
+        w, h = meta.get("original_size") or (image.shape[1], image.shape[0])
+        w, h = int(w), int(h)
+        if min(w, h) < r["min_side"]:
+            return "too_small", f"image too small to be a chest X-ray ({w}x{h} pixels)"
+        aspect = w / max(h, 1)
+        if not r["min_aspect"] <= aspect <= r["max_aspect"]:
+            return "aspect", f"aspect ratio {aspect:.2f}:1 ({w}x{h}) is not that of a chest X-ray"
+        if float(meta.get("colour_fraction", 0.0) or 0.0) > r["max_colour_fraction"]:
+            share = 100.0 * float(meta["colour_fraction"])
+            return "colour", f"colour image ({share:.0f}% coloured pixels); X-rays are greyscale"
+        step = max(1, max(image.shape) // 256)
+        sub = np.nan_to_num(image[::step, ::step].astype(np.float32))
+        lo, hi = np.percentile(sub, (1, 99))
+        if hi - lo < r["min_contrast"]:
+            return "blank", "blank image (no contrast)"
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def _default_guard() -> Guard:
+    return Guard.from_file(default_guard_path())
+
+
+def default_guard_path() -> Path:
+    """Path of the shipped guard parameters inside the installed package."""
+    return Path(str(resources.files("pneumoscan").joinpath(GUARD_DIR, GUARD_FILE)))
+
+
+def check(image: np.ndarray, meta: dict[str, Any] | None = None) -> GuardResult:
+    """Run the shipped guard on one decoded image.
+
+    Args:
+        image: 2-D float greyscale in [0, 1].
+        meta: metadata from :func:`pneumoscan.data.io.read_image_with_meta` (recommended).
+
+    Returns:
+        A :class:`GuardResult`; ``ok, reason, score = check(image, meta)``.
+    """
+    return Guard.default().check(image, meta)

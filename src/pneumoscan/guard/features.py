@@ -1,0 +1,173 @@
+"""Cheap deterministic image features for the not-a-chest-X-ray guard.
+
+A frontal chest radiograph is a smooth greyscale image that fills its frame, with a
+characteristic layout: two dark lung fields either side of a bright mediastinum and spine,
+roughly left-right symmetric, bright shoulders and abdomen. Documents, screenshots and charts
+have few grey levels and many axis-aligned edges; noise has no spatial correlation; CT/MR
+slices are round objects on black; photographs are colourful or lack the layout.
+
+:func:`image_features` turns a decoded greyscale image (and its reader metadata) into a fixed
+vector of such measurements; :mod:`pneumoscan.guard.core` classifies it.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+#: Side of the square, stretched copy most features are measured on (the models' inputs are
+#: stretched squares too).
+SIDE = 128
+#: Side of the layout thumbnail (z-scored intensities, a THUMB x THUMB grid).
+THUMB = 8
+#: Side of the thumbnail compared with the mean chest X-ray template.
+TEMPLATE = 16
+#: Largest native-resolution centre crop used for texture statistics.
+NATIVE = 256
+
+
+def _resize(img: np.ndarray, side: int) -> np.ndarray:
+    """Antialiased resize of a float image to ``side``² (Pillow, mode F)."""
+    if img.shape == (side, side):
+        return img.astype(np.float32, copy=False)
+    im = Image.fromarray(np.ascontiguousarray(img, dtype=np.float32), mode="F")
+    return np.asarray(im.resize((side, side), Image.Resampling.BILINEAR), dtype=np.float32)
+
+
+def _corr(a: np.ndarray, b: np.ndarray) -> float:
+    a = a.ravel().astype(np.float64)
+    b = b.ravel().astype(np.float64)
+    a = a - a.mean()
+    b = b - b.mean()
+    den = math.sqrt(float((a * a).sum()) * float((b * b).sum()))
+    return float((a * b).sum() / den) if den > 1e-12 else 0.0
+
+
+def _zscore(x: np.ndarray) -> np.ndarray:
+    return (x - x.mean()) / (float(x.std()) + 1e-3)
+
+
+def thumbnail(img: np.ndarray) -> np.ndarray:
+    """The z-scored ``TEMPLATE``² thumbnail of an image (what the chest template is the mean of
+    and is compared with).
+
+    Args:
+        img: 2-D float greyscale image in [0, 1].
+    """
+    x = np.clip(_resize(np.nan_to_num(np.asarray(img, dtype=np.float32)), SIDE), 0.0, 1.0)
+    return _zscore(_resize(x, TEMPLATE))
+
+
+def template_features(thumb: np.ndarray, template: np.ndarray | None) -> dict[str, float]:
+    """Correlation of a :func:`thumbnail` (and of its mirror image) with the chest template.
+
+    Args:
+        thumb: ``TEMPLATE``² z-scored thumbnail.
+        template: the mean chest X-ray thumbnail, or ``None`` (both features 0).
+    """
+    if template is None:
+        return {"template_corr": 0.0, "template_corr_flip": 0.0}
+    return {"template_corr": _corr(thumb, template), "template_corr_flip": _corr(thumb[:, ::-1], template)}
+
+
+def image_features(img: np.ndarray, meta: dict[str, Any] | None = None, template: np.ndarray | None = None) -> dict[str, float]:
+    """Measurements of one image for the guard.
+
+    Args:
+        img: 2-D float greyscale image in [0, 1] (as :func:`pneumoscan.data.io.read_image`
+            returns it; any resolution).
+        meta: the reader's metadata (``saturation``/``colour_fraction`` from
+            :func:`pneumoscan.data.io.read_image_with_meta`); missing keys count as 0.
+        template: the mean chest X-ray thumbnail (``TEMPLATE``² z-scores) to correlate with;
+            ``None`` gives 0 for those features.
+
+    Returns:
+        An ordered dict ``name -> value`` (always the same names in the same order).
+    """
+    meta = meta or {}
+    img = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0, posinf=1.0, neginf=0.0)
+    x = np.clip(_resize(img, SIDE), 0.0, 1.0)
+    f: dict[str, float] = {}
+
+    # ---------------------------------------------------------------- intensity
+    f["mean"] = float(x.mean())
+    f["std"] = float(x.std())
+    for q, v in zip((1, 5, 25, 50, 75, 95, 99), np.percentile(x, (1, 5, 25, 50, 75, 95, 99))):
+        f[f"p{q}"] = float(v)
+    hist = np.histogram(x, bins=16, range=(0.0, 1.0))[0].astype(np.float64) / x.size
+    for i, v in enumerate(hist):
+        f[f"hist{i:02d}"] = float(v)
+    h64 = np.histogram(x, bins=64, range=(0.0, 1.0))[0].astype(np.float64) / x.size
+    nz = h64[h64 > 0]
+    f["entropy"] = float(-(nz * np.log2(nz)).sum() / 6.0)
+    f["dark_frac"] = float((x < 0.05).mean())
+    f["bright_frac"] = float((x > 0.95).mean())
+
+    # ---------------------------------------------------------------- native texture
+    h, w = img.shape
+    ch, cw = min(h, NATIVE), min(w, NATIVE)
+    y0, x0 = (h - ch) // 2, (w - cw) // 2
+    crop = img[y0 : y0 + ch, x0 : x0 + cw]
+    u = np.clip(np.rint(crop * 255.0), 0, 255).astype(np.uint8)
+    counts = np.bincount(u.ravel(), minlength=256).astype(np.float64)
+    f["levels"] = float((counts > 0).sum() / 256.0)
+    top = np.sort(counts)[::-1] / max(u.size, 1)
+    f["mode_share"] = float(top[0])
+    f["top3_share"] = float(top[:3].sum())
+    if ch > 2 and cw > 2:
+        f["nbr_corr_x"] = _corr(crop[:, :-1], crop[:, 1:])
+        f["nbr_corr_y"] = _corr(crop[:-1, :], crop[1:, :])
+        lap = crop[1:-1, 1:-1] * 4 - crop[:-2, 1:-1] - crop[2:, 1:-1] - crop[1:-1, :-2] - crop[1:-1, 2:]
+        f["laplace"] = float(np.abs(lap).mean() / (float(crop.std()) + 1e-3))
+    else:
+        f["nbr_corr_x"] = f["nbr_corr_y"] = f["laplace"] = 0.0
+
+    # ---------------------------------------------------------------- edges (on the square)
+    gx = np.zeros_like(x)
+    gy = np.zeros_like(x)
+    gx[:, 1:-1] = (x[:, 2:] - x[:, :-2]) / 2
+    gy[1:-1, :] = (x[2:, :] - x[:-2, :]) / 2
+    g = np.hypot(gx, gy)
+    f["grad_mean"] = float(g.mean())
+    f["grad_rel"] = float(g.mean() / (x.std() + 1e-3))
+    f["edge_frac_05"] = float((g > 0.05).mean())
+    f["edge_frac_15"] = float((g > 0.15).mean())
+    strong = g > 0.05
+    if strong.sum() > 10:
+        ax, ay = np.abs(gx[strong]), np.abs(gy[strong])
+        f["axis_aligned"] = float(((ax < 0.1 * ay) | (ay < 0.1 * ax)).mean())
+    else:
+        f["axis_aligned"] = 0.0
+
+    # ---------------------------------------------------------------- symmetry and layout
+    z64 = _zscore(_resize(x, 64))
+    f["sym_lr"] = _corr(z64, z64[:, ::-1])
+    f["sym_ud"] = _corr(z64, z64[::-1, :])
+    z = _zscore(x)
+    rows = z.reshape(8, SIDE // 8, SIDE).mean(axis=(1, 2))
+    cols = z.reshape(SIDE, 8, SIDE // 8).mean(axis=(0, 2))
+    for i in range(8):
+        f[f"row{i}"] = float(rows[i])
+    for i in range(8):
+        f[f"col{i}"] = float(cols[i])
+    f["col_centre_minus_sides"] = float(z[:, 48:80].mean() - 0.5 * (z[:, 16:48].mean() + z[:, 80:112].mean()))
+    f["centre_minus_border"] = float(z[32:96, 32:96].mean() - np.concatenate([z[:16].ravel(), z[-16:].ravel(), z[:, :16].ravel(), z[:, -16:].ravel()]).mean())
+    corners = np.concatenate([x[:16, :16].ravel(), x[:16, -16:].ravel(), x[-16:, :16].ravel(), x[-16:, -16:].ravel()])
+    f["corner_mean"] = float(corners.mean())
+    f["corner_dark"] = float((corners < 0.05).mean())
+    tz = _zscore(_resize(x, THUMB))
+    for i, v in enumerate(tz.ravel()):
+        f[f"thumb{i:02d}"] = float(v)
+    f.update(template_features(_zscore(_resize(x, TEMPLATE)), template))
+
+    # ---------------------------------------------------------------- colour (from the reader)
+    f["saturation"] = float(meta.get("saturation", 0.0) or 0.0)
+    f["colour_fraction"] = float(meta.get("colour_fraction", 0.0) or 0.0)
+    return f
+
+
+def feature_names() -> list[str]:
+    """The names :func:`image_features` returns, in order."""
+    return list(image_features(np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)).keys())

@@ -1,0 +1,343 @@
+// pneumoscan page: upload an X-ray, show the model's answer and its Grad-CAM overlay.
+// Plain browser JavaScript, no external assets; talks only to this server's /v1 API.
+"use strict";
+
+(function () {
+  const $ = (id) => document.getElementById(id);
+  const KEY_STORE = "pneumoscan.apiKey";
+  const BROWSER_IMAGE_TYPES = ["image/jpeg", "image/png"];
+  const state = { key: sessionStorage.getItem(KEY_STORE) || "", model: null, objectUrl: null, pending: null, busy: false };
+
+  // ------------------------------------------------------------------ helpers
+  function authHeaders() {
+    return state.key ? { "X-API-Key": state.key } : {};
+  }
+
+  async function api(path, options) {
+    const opts = Object.assign({}, options || {});
+    opts.headers = Object.assign({}, authHeaders(), opts.headers || {});
+    let response;
+    try {
+      response = await fetch(path, opts);
+    } catch (err) {
+      return { status: 0, ok: false, body: { error: "network", detail: "cannot reach the pneumoscan server" } };
+    }
+    let body = null;
+    try { body = await response.json(); } catch (err) { body = null; }
+    return { status: response.status, ok: response.ok, body: body };
+  }
+
+  function pct(x, digits) {
+    return (100 * x).toFixed(digits === undefined ? 1 : digits) + " %";
+  }
+
+  function fmtNum(x, digits) {
+    return (typeof x === "number" && isFinite(x)) ? x.toFixed(digits) : "–";
+  }
+
+  function fmtBytes(n) {
+    if (n >= 1e6) return (n / 1e6).toFixed(1) + " MB";
+    if (n >= 1e3) return (n / 1e3).toFixed(0) + " kB";
+    return n + " B";
+  }
+
+  function show(el, on) { el.classList.toggle("hidden", !on); }
+
+  function setStatus(kind, text) {
+    const s = $("server-status");
+    s.classList.remove("ok", "bad");
+    if (kind) s.classList.add(kind);
+    $("server-status-text").textContent = text;
+  }
+
+  function addFact(dl, label, value, asCode) {
+    const dt = document.createElement("dt");
+    dt.textContent = label;
+    const dd = document.createElement("dd");
+    if (asCode) {
+      const c = document.createElement("code");
+      c.textContent = value;
+      dd.appendChild(c);
+    } else {
+      dd.textContent = value;
+    }
+    dl.appendChild(dt);
+    dl.appendChild(dd);
+  }
+
+  // ------------------------------------------------------------------ model
+  async function loadModel() {
+    const r = await api("/v1/model");
+    if (r.status === 401) {
+      show($("key-card"), true);
+      setStatus("bad", "API key required");
+      const dl = $("model-facts");
+      dl.replaceChildren();
+      addFact(dl, "Status", "enter the API key to continue");
+      if (state.key) showError("The API key was not accepted.");
+      return false;
+    }
+    if (!r.ok || !r.body) {
+      setStatus("bad", "server unavailable");
+      showError((r.body && r.body.detail) || "The server did not answer.");
+      return false;
+    }
+    state.model = r.body;
+    show($("key-card"), false);
+    hideError();
+    renderModel(r.body);
+    setStatus("ok", "ready");
+    return true;
+  }
+
+  function renderModel(m) {
+    const dl = $("model-facts");
+    dl.replaceChildren();
+    addFact(dl, "Model", m.name);
+    if (m.model_name) addFact(dl, "Architecture", m.model_name + " · " + m.input_size + "×" + m.input_size + " px");
+    if (m.sha256) addFact(dl, "Weights sha256", m.sha256.slice(0, 16) + "…", true);
+    const op = m.operating_point || {};
+    if (typeof op.threshold === "number") {
+      addFact(dl, "Operating point", "threshold " + pct(op.threshold) + (op.threshold_method ? " (" + op.threshold_method + ")" : ""));
+    }
+    if (typeof op.temperature === "number") addFact(dl, "Temperature", fmtNum(op.temperature, 3));
+    const vm = m.val_metrics || {};
+    const parts = [];
+    if (typeof vm.roc_auc === "number") parts.push("AUC " + fmtNum(vm.roc_auc, 3));
+    if (typeof vm.sensitivity === "number") parts.push("sensitivity " + fmtNum(vm.sensitivity, 3));
+    if (typeof vm.specificity === "number") parts.push("specificity " + fmtNum(vm.specificity, 3));
+    if (parts.length) addFact(dl, "Validation", parts.join(" · "));
+    const caps = m.capabilities || {};
+    addFact(dl, "Explanations", caps.heatmap ? "Grad-CAM" : "not available");
+    if (m.limits && m.limits.max_upload_mb) {
+      $("drop-hint").textContent = "JPEG, PNG or DICOM · up to " + m.limits.max_upload_mb + " MB";
+    }
+    if (m.model_card) {
+      $("model-card-text").textContent = m.model_card;
+      show($("model-card"), true);
+    } else {
+      show($("model-card"), false);
+    }
+  }
+
+  // ------------------------------------------------------------------ result panel
+  function hideError() { show($("error"), false); }
+
+  function showError(text) {
+    const e = $("error");
+    e.textContent = text;
+    show(e, true);
+  }
+
+  function resetResult() {
+    show($("result-empty"), true);
+    show($("result-body"), false);
+    show($("refused"), false);
+    show($("timing"), false);
+    show($("label"), false);
+    hideError();
+  }
+
+  function renderTiming(t) {
+    const dl = $("timing");
+    dl.replaceChildren();
+    const names = [["total", "total"], ["upload", "upload"], ["decode", "decode"], ["guard", "guard"], ["inference", "model"], ["render", "render"]];
+    names.forEach(function (pair) {
+      if (typeof t[pair[0]] !== "number") return;
+      const wrap = document.createElement("div");
+      const dt = document.createElement("dt");
+      dt.textContent = pair[1];
+      const dd = document.createElement("dd");
+      dd.textContent = t[pair[0]].toFixed(0) + " ms";
+      wrap.appendChild(dt);
+      wrap.appendChild(dd);
+      dl.appendChild(wrap);
+    });
+    show(dl, true);
+  }
+
+  function renderPrediction(r) {
+    show($("result-empty"), false);
+    const label = $("label");
+    label.classList.remove("pos", "neg", "warn");
+    if (r.refused) {
+      show($("result-body"), false);
+      $("refused-reason").textContent = r.refused;
+      show($("refused"), true);
+      label.textContent = "REFUSED";
+      label.classList.add("warn");
+      show(label, true);
+      renderTiming(r.timing_ms || {});
+      return;
+    }
+    const positive = r.label === "PNEUMONIA";
+    const cls = positive ? "pos" : "neg";
+    const prob = $("probability");
+    prob.textContent = pct(r.probability);
+    prob.classList.remove("pos", "neg");
+    prob.classList.add(cls);
+    label.textContent = r.label;
+    label.classList.add(cls);
+    show(label, true);
+    const fill = $("gauge-fill");
+    fill.classList.toggle("pos", positive);
+    fill.style.width = (100 * r.probability).toFixed(2) + "%";
+    $("gauge-mark").style.left = (100 * r.threshold).toFixed(2) + "%";
+    $("threshold-text").textContent = "threshold " + pct(r.threshold);
+    $("verdict").textContent = (positive
+      ? "At or above the model's operating threshold: findings consistent with pneumonia."
+      : "Below the model's operating threshold: no pneumonia detected by the model.") + " Model: " + r.model + ".";
+    show($("result-body"), true);
+    renderTiming(r.timing_ms || {});
+  }
+
+  // ------------------------------------------------------------------ overlay
+  function applyOpacity() {
+    const v = Number($("opacity").value);
+    $("overlay").style.opacity = String(v / 100);
+    $("opacity-value").textContent = v + " %";
+  }
+
+  function setOverlay(heatmap) {
+    const ov = $("overlay");
+    const slider = $("opacity");
+    if (heatmap && heatmap.png_base64) {
+      ov.src = "data:image/png;base64," + heatmap.png_base64;
+      show(ov, true);
+      slider.disabled = false;
+      $("overlay-note").textContent = "Grad-CAM" + (heatmap.layer ? " on layer " + heatmap.layer : "") +
+        ": warm colours mark the regions that drove the prediction most.";
+      applyOpacity();
+    } else {
+      ov.removeAttribute("src");
+      show(ov, false);
+      slider.disabled = true;
+      const caps = (state.model && state.model.capabilities) || {};
+      $("overlay-note").textContent = caps.heatmap ? "" : "Grad-CAM is not available on this server.";
+    }
+  }
+
+  // The image is shown as large as the viewer allows (small X-rays are scaled up) and keeps
+  // its aspect ratio; the overlay covers exactly the same box.
+  function fitFrame() {
+    const xray = $("xray");
+    const frame = $("frame");
+    const w = xray.naturalWidth;
+    const h = xray.naturalHeight;
+    if (!w || !h) return;
+    frame.style.aspectRatio = w + " / " + h;
+    frame.style.width = "min(100%, calc(min(64vh, 620px) * " + (w / h).toFixed(5) + "))";
+  }
+
+  // ------------------------------------------------------------------ upload flow
+  function isBrowserImage(file) {
+    return BROWSER_IMAGE_TYPES.indexOf(file.type) >= 0;
+  }
+
+  function clearImage() {
+    if (state.objectUrl) URL.revokeObjectURL(state.objectUrl);
+    state.objectUrl = null;
+    $("xray").removeAttribute("src");
+    setOverlay(null);
+    show($("stage"), false);
+    show($("dropzone"), true);
+    show($("clear-btn"), false);
+    $("file-input").value = "";
+    resetResult();
+  }
+
+  async function analyse(file) {
+    if (!file || state.busy) return;
+    resetResult();
+    const limitMb = state.model && state.model.limits ? state.model.limits.max_upload_mb : null;
+    if (limitMb && file.size > limitMb * 1e6) {
+      show($("result-empty"), false);
+      showError(file.name + " is " + fmtBytes(file.size) + "; the server accepts up to " + limitMb + " MB.");
+      return;
+    }
+    if (state.objectUrl) URL.revokeObjectURL(state.objectUrl);
+    state.objectUrl = null;
+    const xray = $("xray");
+    xray.removeAttribute("src");
+    setOverlay(null);
+    const browserImage = isBrowserImage(file);
+    if (browserImage) {
+      state.objectUrl = URL.createObjectURL(file);
+      xray.src = state.objectUrl;
+    }
+    show($("dropzone"), false);
+    show($("stage"), true);
+    show($("clear-btn"), true);
+    $("file-meta").textContent = file.name + " · " + fmtBytes(file.size);
+    show($("busy"), true);
+    state.busy = true;
+    const form = new FormData();
+    form.append("file", file, file.name);
+    const query = "?heatmap=true" + (browserImage ? "" : "&preview=true");
+    const r = await api("/v1/predict" + query, { method: "POST", body: form });
+    state.busy = false;
+    show($("busy"), false);
+    if (r.status === 401) {
+      await loadModel();
+      return;
+    }
+    if (!r.ok || !r.body) {
+      const detail = (r.body && r.body.detail) ? r.body.detail : "the server answered HTTP " + r.status;
+      show($("result-empty"), false);
+      showError("Could not analyse " + file.name + ": " + detail + ".");
+      if (!browserImage) {
+        show($("stage"), false);
+        show($("dropzone"), true);
+        show($("clear-btn"), false);
+        $("file-input").value = "";
+      }
+      return;
+    }
+    const body = r.body;
+    if (body.preview && body.preview.png_base64) {
+      xray.src = "data:image/png;base64," + body.preview.png_base64;
+    }
+    if (body.image) {
+      $("file-meta").textContent = file.name + " · " + body.image.format + " · " + body.image.width + "×" +
+        body.image.height + " px · " + fmtBytes(body.image.bytes);
+    }
+    setOverlay(body.refused ? null : body.heatmap);
+    renderPrediction(body);
+  }
+
+  // ------------------------------------------------------------------ wiring
+  function init() {
+    const dz = $("dropzone");
+    const input = $("file-input");
+    input.addEventListener("change", function () { if (input.files && input.files[0]) analyse(input.files[0]); });
+    ["dragenter", "dragover"].forEach(function (ev) {
+      dz.addEventListener(ev, function (e) { e.preventDefault(); dz.classList.add("drag"); });
+    });
+    ["dragleave", "dragend"].forEach(function (ev) {
+      dz.addEventListener(ev, function () { dz.classList.remove("drag"); });
+    });
+    dz.addEventListener("drop", function (e) {
+      e.preventDefault();
+      dz.classList.remove("drag");
+      const f = e.dataTransfer && e.dataTransfer.files && e.dataTransfer.files[0];
+      if (f) analyse(f);
+    });
+    // dropping a file anywhere else must not navigate away from the page
+    window.addEventListener("dragover", function (e) { e.preventDefault(); });
+    window.addEventListener("drop", function (e) { e.preventDefault(); });
+    $("clear-btn").addEventListener("click", clearImage);
+    $("opacity").addEventListener("input", applyOpacity);
+    $("xray").addEventListener("load", fitFrame);
+    $("key-form").addEventListener("submit", function (e) {
+      e.preventDefault();
+      state.key = $("api-key").value.trim();
+      sessionStorage.setItem(KEY_STORE, state.key);
+      loadModel();
+    });
+    applyOpacity();
+    loadModel();
+  }
+
+  if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", init);
+  else init();
+})();
