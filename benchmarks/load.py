@@ -148,12 +148,19 @@ def big_jpeg(source: Path, size_mb: float) -> bytes:
     return data
 
 
+def _outcome(r: Any) -> str:
+    """``"200"``, ``"200 refused"`` (the guard said: not a chest X-ray) or the error status."""
+    if r.status_code == 200 and r.json().get("refused"):
+        return "200 refused"
+    return str(r.status_code)
+
+
 def percentile(xs: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs), q)) if xs else float("nan")
 
 
 # ----------------------------------------------------------------------------- latency mode
-async def latency_level(client: Any, url: str, data: bytes, n: int, headers: dict[str, str], timeout: float) -> dict[str, Any]:
+async def latency_level(client: Any, url: str, data: bytes, n: int, headers: dict[str, str], timeout: float, query: str = "") -> dict[str, Any]:
     import httpx
 
     total = max(4 * n, 16)
@@ -165,13 +172,13 @@ async def latency_level(client: Any, url: str, data: bytes, n: int, headers: dic
         async with sem:
             t0 = time.perf_counter()
             try:
-                r = await client.post(url + "/v1/predict", files={"file": ("xray.jpeg", data, "image/jpeg")}, headers=headers, timeout=timeout)
-                key = str(r.status_code)
+                r = await client.post(url + "/v1/predict" + query, files={"file": ("xray.jpeg", data, "image/jpeg")}, headers=headers, timeout=timeout)
+                key = _outcome(r)
             except httpx.HTTPError as e:
                 key = e.__class__.__name__
             dt = time.perf_counter() - t0
             codes[key] = codes.get(key, 0) + 1
-            if key == "200":
+            if key.startswith("200"):
                 lat.append(dt)
 
     t0 = time.perf_counter()
@@ -186,7 +193,8 @@ async def latency_level(client: Any, url: str, data: bytes, n: int, headers: dic
 
 
 # ----------------------------------------------------------------------------- storm mode
-async def storm(client: Any, url: str, data: bytes, count: int, headers: dict[str, str], timeout: float, pid: int | None) -> dict[str, Any]:
+async def storm(client: Any, url: str, data: bytes, count: int, headers: dict[str, str], timeout: float, pid: int | None,
+                query: str = "") -> dict[str, Any]:
     import httpx
 
     codes: dict[str, int] = {}
@@ -199,12 +207,12 @@ async def storm(client: Any, url: str, data: bytes, count: int, headers: dict[st
     async def upload() -> None:
         t0 = time.perf_counter()
         try:
-            r = await client.post(url + "/v1/predict", files={"file": ("big.jpeg", data, "image/jpeg")}, headers=headers, timeout=timeout)
-            key = str(r.status_code)
+            r = await client.post(url + "/v1/predict" + query, files={"file": ("big.jpeg", data, "image/jpeg")}, headers=headers, timeout=timeout)
+            key = _outcome(r)
         except httpx.HTTPError as e:
             key = e.__class__.__name__
         codes[key] = codes.get(key, 0) + 1
-        if key == "200":
+        if key.startswith("200"):
             lat.append(time.perf_counter() - t0)
             for k, v in r.json().get("timing_ms", {}).items():
                 stages.setdefault(k, []).append(v)
@@ -288,7 +296,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         server = Server(args.checkpoint, extra)
         url, pid = server.url, server.pid
     headers = {"X-API-Key": args.api_key} if args.api_key else {}
-    out: dict[str, Any] = {"url": url, "cpu_count": os.cpu_count(), "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+    query = "?heatmap=true" if args.heatmap else ""
+    out: dict[str, Any] = {"url": url, "heatmap": args.heatmap, "cpu_count": os.cpu_count(), "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
     limits = httpx.Limits(max_connections=MAX_BIG + MAX_LEVEL, max_keepalive_connections=MAX_LEVEL)
     try:
         async with httpx.AsyncClient(limits=limits, timeout=args.timeout) as client:
@@ -299,13 +308,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             if args.big:
                 data = big_jpeg(Path(args.image or DEFAULT_IMAGE), args.size_mb)
                 await latency_level(client, url, (Path(args.image or DEFAULT_IMAGE)).read_bytes(), 1, headers, args.timeout)  # warm-up
-                out["storm"] = await storm(client, url, data, args.big, headers, args.timeout, pid)
+                out["storm"] = await storm(client, url, data, args.big, headers, args.timeout, pid, query)
             else:
                 data = Path(args.image or DEFAULT_IMAGE).read_bytes()
                 out["image_bytes"] = len(data)
                 for _ in range(3):  # warm-up
                     await client.post(url + "/v1/predict", files={"file": ("x.jpeg", data, "image/jpeg")}, headers=headers)
-                out["levels"] = [await latency_level(client, url, data, n, headers, args.timeout) for n in args.n]
+                out["levels"] = [await latency_level(client, url, data, n, headers, args.timeout, query) for n in args.n]
             if pid:
                 cur, hwm = rss_bytes(pid)
                 out["server_rss_end_mb"] = round(cur / 1e6, 1) if cur else None
@@ -342,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size-mb", type=float, default=20.0, help=f"storm upload size in MB (max {MAX_SIZE_MB:g})")
     p.add_argument("--max-upload-mb", type=float, help="--max-upload-mb of the server this script starts")
     p.add_argument("--timeout", type=float, default=120.0, help="per-request timeout in seconds (also the server's deadline)")
+    p.add_argument("--heatmap", action="store_true", help="ask for a Grad-CAM heatmap with every prediction")
     p.add_argument("--json", action="store_true", help="print the results as JSON only")
     p.add_argument("--probe-healthz", metavar="URL", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -357,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(res, indent=2))
         return 0
-    print(f"server {res['url']}  model {res.get('model')} ({res.get('model_architecture')})  "
+    print(f"server {res['url']}  model {res.get('model')} ({res.get('model_architecture')})  heatmaps {'on' if res['heatmap'] else 'off'}  "
           f"{res['cpu_count']} CPUs, load average {res['load_avg_1m']:.2f}")
     for lv in res.get("levels", []):
         print(f"N={lv['concurrency']:>3}  {lv['requests']:>4} requests  {lv['throughput_rps']:>7.2f} req/s  "

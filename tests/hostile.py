@@ -36,9 +36,13 @@ Expectation = Union[str, type]
 Corpus = dict[str, tuple[Path, Expectation]]
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-#: Inputs the reader accepts but that are not chest X-rays: a not-a-chest-X-ray guard may
-#: refuse them (NotChestXrayError) once the image is read.
-MAY_BE_REFUSED = frozenset({"ct.dcm", "one_pixel.png", "animated.gif", "cmyk.jpeg", "max_8000.png", "deflate_8000.dcm"})
+#: Readable inputs that are not chest X-rays (synthetic ramps, a CT, a 1-pixel image...): the
+#: not-a-chest-X-ray guard may refuse them once they are read. The one readable real chest
+#: X-ray of the corpus is ``jpeg_named.png`` (a Kermany JPEG under a .png name).
+MAY_BE_REFUSED = frozenset({
+    "ct.dcm", "one_pixel.png", "animated.gif", "cmyk.jpeg", "max_8000.png", "deflate_8000.dcm", "png16.png",
+    "image16.tiff", "float_nan.tiff", "png_named.dcm",
+})
 
 
 # --------------------------------------------------------------------------- PNG by hand

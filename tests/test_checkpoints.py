@@ -324,7 +324,7 @@ def test_atomic_open_rejects_append_and_read_modes(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------- static check
 _WRITERS = {"write_text", "write_bytes", "savefig", "to_csv", "to_json"}
-_MODULE_WRITERS = {("torch", "save"), ("onnx", "save"), ("np", "save"), ("numpy", "save"), ("np", "savez"), ("shutil", "copyfile"), ("shutil", "copy")}
+_MODULE_WRITERS = {("torch", "save"), ("onnx", "save"), ("np", "save"), ("numpy", "save"), ("np", "savez")}
 _SAFE_CONTEXTS = {"atomic_path", "atomic_open", "TemporaryDirectory", "NamedTemporaryFile"}
 
 

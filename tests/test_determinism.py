@@ -23,9 +23,9 @@ SCRIPT = textwrap.dedent("""
 
     data, out = sys.argv[1], sys.argv[2]
     result = {}
-    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+    for name, seed, epochs in (("a", 0, 2), ("b", 0, 2), ("c", 1, 1)):
         cfg = TrainConfig().override({
-            "data.root": data, "model.name": "seed_cnn", "epochs": 2, "batch_size": 8, "seed": seed,
+            "data.root": data, "model.name": "seed_cnn", "epochs": epochs, "batch_size": 8, "seed": seed,
             "deterministic": True, "device": "cpu", "progress": False,
         })
         fit(cfg, f"{out}/{name}")
@@ -55,5 +55,5 @@ def test_same_seed_same_history_and_weights(xray_dir: Path, tmp_path: Path) -> N
     assert a == b
     assert weights["a"] == weights["b"]
     assert (tmp_path / "a" / "split_val.csv").read_text() == (tmp_path / "b" / "split_val.csv").read_text()
-    # the split is seeded separately (data.split_seed), the training seed changes the run
-    assert a != c and weights["a"] != weights["c"]
+    # another training seed (the split has its own, data.split_seed) changes epoch 1 already
+    assert a[0] != c[0]

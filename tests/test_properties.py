@@ -131,18 +131,23 @@ def test_seeds_themselves_read(kind: str) -> None:
 
 
 # --------------------------------------------------------------------------- preprocessing
-finite_or_not = st.floats(allow_nan=True, allow_infinity=True, width=32)
+@st.composite
+def any_2d_array(draw: st.DrawFn) -> np.ndarray:
+    """2-D arrays of any common dtype, floats including NaN, ±inf and extremes.
+
+    Subnormal floats are left out: training (in the same test session) turns on
+    flush-to-zero, under which hypothesis cannot generate them.
+    """
+    dtype = draw(st.sampled_from([np.float32, np.float64, np.float16, np.uint8, np.int32, np.bool_]))
+    shape = draw(array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=80))
+    if np.dtype(dtype).kind == "f":
+        elements = st.floats(width=8 * np.dtype(dtype).itemsize, allow_nan=True, allow_infinity=True, allow_subnormal=False)
+        return draw(arrays(dtype, shape, elements=elements))
+    return draw(arrays(dtype, shape))
 
 
 @settings(max_examples=120, deadline=None)
-@given(
-    arr=arrays(
-        dtype=st.sampled_from([np.float32, np.float64, np.float16, np.uint8, np.int32, np.bool_]),
-        shape=array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=80),
-        elements=None,
-    ),
-    size=st.sampled_from([1, 7, 32, 128, 224]),
-)
+@given(arr=any_2d_array(), size=st.sampled_from([1, 7, 32, 128, 224]))
 def test_preprocess_batch_any_2d_array(arr: np.ndarray, size: int) -> None:
     before = arr.copy()
     t = preprocess_batch([arr], size)
@@ -154,7 +159,8 @@ def test_preprocess_batch_any_2d_array(arr: np.ndarray, size: int) -> None:
 
 @settings(max_examples=60, deadline=None)
 @given(
-    arr=arrays(np.float32, array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=64), elements=st.floats(0, 1, width=32)),
+    arr=arrays(np.float32, array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=64),
+               elements=st.floats(0, 1, width=32, allow_subnormal=False)),
     size=st.integers(1, 96),
 )
 def test_preprocess_in_range_values_are_only_resized(arr: np.ndarray, size: int) -> None:

@@ -96,6 +96,33 @@ def _assert_error(r: httpx.Response, status: int, code: str | None = None) -> di
     return body
 
 
+def xray_dicom(path: Path, monochrome1: bool = True) -> bytes:
+    """A real chest X-ray (a fixture JPEG) as a DX DICOM file, in memory: 16-bit, by default
+    MONOCHROME1 (inverted storage the reader must undo)."""
+    from pydicom import dcmwrite
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    with Image.open(path) as im:
+        grey = np.asarray(im.convert("L"), dtype=np.uint16) * 16  # 12-bit range
+    stored = (4095 - grey) if monochrome1 else grey
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # digital X-ray
+    meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[path.name])
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.BodyPartExamined = "DX", "CHEST"
+    ds.Rows, ds.Columns = stored.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME1" if monochrome1 else "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = np.ascontiguousarray(stored.astype("<u2")).tobytes()
+    buf = io.BytesIO()
+    dcmwrite(buf, ds, enforce_file_format=True)
+    return buf.getvalue()
+
+
 def _decode_png_b64(b64: str) -> Image.Image:
     import base64
 
@@ -259,35 +286,40 @@ def test_predict_png_equals_decoded_jpeg(client: TestClient, normal_jpeg: Path) 
     assert png["probability"] == pytest.approx(jpeg["probability"], abs=1e-6)
 
 
-def test_predict_dicom_with_preview(client: TestClient, predictor: Predictor, fixtures_dir: Path) -> None:
-    path = fixtures_dir / "dicom" / "mono2_8bit.dcm"
-    r = _post(client, path.read_bytes(), "scan.dcm", "application/dicom", "?preview=true")
+def test_predict_dicom_with_preview(client: TestClient, predictor: Predictor, normal_jpeg: Path) -> None:
+    dcm = xray_dicom(normal_jpeg)
+    r = _post(client, dcm, "scan.dcm", "application/dicom", "?preview=true")
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["image"]["format"] == "DICOM"
-    assert body["probability"] == pytest.approx(predictor.predict_image(path).probability, abs=1e-9)
+    assert body["image"] == {"format": "DICOM", "width": 224, "height": 224, "bytes": len(dcm)}
+    assert body["refused"] is None
+    assert body["probability"] == pytest.approx(predictor.predict_image(dcm, name="scan.dcm").probability, abs=1e-9)
     im = _decode_png_b64(body["preview"]["png_base64"])
-    assert im.mode == "L" and im.size == (body["preview"]["width"], body["preview"]["height"])
-    assert im.size == (body["image"]["width"], body["image"]["height"])  # small image: not downscaled
+    assert im.mode == "L" and im.size == (body["preview"]["width"], body["preview"]["height"]) == (224, 224)
+    # MONOCHROME1 undone: the preview is the original radiograph (bone bright), not its negative
+    with Image.open(normal_jpeg) as src:
+        original = np.asarray(src.convert("L"), dtype=np.float64)
+    assert np.abs(np.asarray(im, dtype=np.float64) - original).mean() < 2.0
 
 
-def test_heatmap_is_the_models_grad_cam(client: TestClient, predictor: Predictor, pneumonia_jpeg: Path) -> None:
+def test_heatmap_is_the_models_grad_cam(client: TestClient, predictor: Predictor, xray_dir: Path) -> None:
     from pneumoscan.data.io import read_image
-    from pneumoscan.explain import GradCAM
     from pneumoscan.models import get_spec
 
     assert client.get("/v1/model").json()["capabilities"]["heatmap"] is True
-    body = _post(client, pneumonia_jpeg.read_bytes(), query="?heatmap=true").json()
+    # an image whose map is not all zero (a tiny model may hold no evidence for some images)
+    images = sorted((xray_dir / "val").glob("*/*.jpeg"))
+    maps = {p: predictor.explain(read_image(p, max_side=predictor.input_size)) for p in images}
+    path = next((p for p in images if maps[p].max() > 0), images[0])
+    body = _post(client, path.read_bytes(), query="?heatmap=true").json()
     hm = body["heatmap"]
     assert hm["method"] == "grad-cam" and hm["layer"] == get_spec("seed_cnn").gradcam_layer
     im = _decode_png_b64(hm["png_base64"])
     assert im.mode == "RGBA" and im.size == (hm["width"], hm["height"]) == (224, 224)
     # the same map computed independently, rendered the same way: identical pixels (PNG is lossless)
-    arr = read_image(pneumonia_jpeg, max_side=predictor.input_size)
-    cam = GradCAM(predictor.model)(predictor.preprocess([arr]))[0, 0].numpy()
-    assert np.array_equal(np.asarray(im), heatmap_rgba(cam, 224, 224))
+    assert np.array_equal(np.asarray(im), heatmap_rgba(maps[path], 224, 224))
     # the probability is unchanged by asking for the heatmap
-    plain = _post(client, pneumonia_jpeg.read_bytes()).json()
+    plain = _post(client, path.read_bytes()).json()
     assert plain["heatmap"] is None and plain["probability"] == pytest.approx(body["probability"], abs=1e-12)
 
 
@@ -349,11 +381,11 @@ def test_guard_refusals_are_200_with_a_reason(run_dir: Path, fixtures_dir: Path,
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["probability"] is None and body["label"] is None and body["heatmap"] is None
-        assert "colour" in body["refused"] and body["extra"]["guard"]["rule"] == "colour"
+        assert "colour" in body["refused"] and body["extra"]["guard_score"] == 0.0
         body = _post(c, (fixtures_dir / "dicom" / "ct.dcm").read_bytes(), "ct.dcm", "application/dicom").json()
         assert "CT" in body["refused"] and body["probability"] is None
         ok = _post(c, normal_jpeg.read_bytes()).json()
-        assert ok["refused"] is None and ok["extra"]["guard"]["ok"] is True and 0.0 <= ok["probability"] <= 1.0
+        assert ok["refused"] is None and ok["extra"]["guard_score"] > 0.5 and 0.0 <= ok["probability"] <= 1.0
     with TestClient(create_app(guarded, ServeSettings(guard=False))) as c:
         assert c.get("/v1/model").json()["capabilities"]["guard"] is False
         assert _post(c, colour_photo_png(), "holiday.png", "image/png").json()["refused"] is None
@@ -478,11 +510,14 @@ def test_cors_off_unless_configured(client: TestClient, predictor: Predictor) ->
         assert pre.status_code == 200 and "x-api-key" in pre.headers["access-control-allow-headers"].lower()
 
 
-def test_uploads_are_not_logged_or_written(client: TestClient, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    # 3 MB upload: bigger than the 1 MB at which form parsers usually spool to a temporary file
-    noisy = Image.fromarray(np.random.default_rng(0).integers(0, 256, (1200, 2600), dtype=np.uint8))
+def test_uploads_are_not_logged_or_written(client: TestClient, fullres_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                           tmp_path: Path) -> None:
+    # a real X-ray as a 3+ MB PNG: bigger than the 1 MB at which form parsers usually spool
+    # uploads to a temporary file
+    with Image.open(fullres_dir / "NORMAL2-IM-1438-0001.jpeg") as src:
+        big = src.convert("L").resize((2000, 1700))
     buf = io.BytesIO()
-    noisy.save(buf, format="PNG", compress_level=0)
+    big.save(buf, format="PNG", compress_level=0)
     data = buf.getvalue()
     assert len(data) > 3_000_000
 
@@ -608,9 +643,9 @@ def test_live_server_path_traversal_raw(client: TestClient, predictor: Predictor
 
 @pytest.mark.slow
 def test_live_server_healthz_answers_while_predictions_run(run_dir: Path, fullres_dir: Path) -> None:
-    """Eight uploads to a model that needs >= 0.4 s per image: /healthz keeps answering in a
+    """Six uploads to a model that needs >= 0.8 s per image: /healthz keeps answering in a
     fraction of that, and sees the pending predictions."""
-    app = create_app(_slow(load_predictor(run_dir), 0.4), ServeSettings(inference_threads=1))
+    app = create_app(_slow(load_predictor(run_dir), 0.8), ServeSettings(inference_threads=1))
     data = (fullres_dir / "person1003_virus_1685.jpeg").read_bytes()
     results: list[int] = []
 
@@ -619,7 +654,7 @@ def test_live_server_healthz_answers_while_predictions_run(run_dir: Path, fullre
             results.append(_post(c, data).status_code)
 
     with LiveServer(app) as srv:
-        threads = [threading.Thread(target=upload) for _ in range(8)]
+        threads = [threading.Thread(target=upload) for _ in range(6)]
         for t in threads:
             t.start()
         health: list[tuple[float, int]] = []
@@ -631,10 +666,10 @@ def test_live_server_healthz_answers_while_predictions_run(run_dir: Path, fullre
                 time.sleep(0.05)
         for t in threads:
             t.join()
-    assert results == [200] * 8
+    assert results == [200] * 6
     during = [lat for lat, pending in health if pending > 0]
     assert len(during) >= 10, health
-    assert max(during) < 0.35, f"/healthz blocked for {max(during):.2f} s while predicting"
+    assert max(during) < 0.5, f"/healthz blocked for {max(during):.2f} s while predicting"
 
 
 @pytest.mark.slow

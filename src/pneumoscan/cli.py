@@ -21,7 +21,7 @@ from .errors import PneumoscanError
 log = logging.getLogger("pneumoscan")
 
 #: Modules whose ``register(subparsers)`` adds sub-commands (imported when the CLI starts).
-COMMAND_MODULES: tuple[str, ...] = ("pneumoscan.serving.cli", "pneumoscan.evaluation.cli")
+COMMAND_MODULES: tuple[str, ...] = ("pneumoscan.serving.cli", "pneumoscan.evaluation.cli", "pneumoscan.bench.cli", "pneumoscan.inference.cli")
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 

@@ -37,59 +37,17 @@ MAX_AUC_DROP = 0.002
 
 
 # --------------------------------------------------------------------------- export
-def export_fp32_onnx(ckpt: dict[str, Any], path: str | Path, opset: int = 17) -> Path:
-    """Export a checkpoint's model to ONNX (fp32, dynamic batch) with pneumoscan metadata.
-
-    Uses the project's exporter (:mod:`pneumoscan.inference.onnx_export`) when it is
-    installed, else ``torch.onnx.export`` with the same conventions: input ``image``
-    ``(B, 1, S, S)`` float in [0, 1], output ``logit`` ``(B, 1)``.
+def export_fp32_onnx(ckpt: dict[str, Any], path: str | Path) -> Path:
+    """Export a checkpoint to ONNX with the project's exporter (``pneumoscan export``:
+    input ``image`` ``(B, 1, S, S)``, output ``logit``, calibration in the metadata).
 
     Args:
         ckpt: a loaded checkpoint dict.
         path: destination ``.onnx`` file.
-        opset: ONNX opset.
     """
-    path = Path(path)
-    project = _project_exporter()
-    if project is not None:
-        return Path(project(ckpt, path))
-    import onnx
+    from ..inference.onnx_export import export_onnx
 
-    from ..training.checkpoint import model_from_checkpoint
-
-    model = model_from_checkpoint(ckpt)
-    size = int(ckpt["preprocessing"]["input_size"])
-    x = torch.rand(1, 1, size, size)
-    with atomic_path(path) as tmp:
-        torch.onnx.export(
-            model, (x,), str(tmp), input_names=["image"], output_names=["logit"],
-            dynamic_axes={"image": {0: "batch"}, "logit": {0: "batch"}}, opset_version=opset, dynamo=False,
-        )
-        proto = onnx.load(str(tmp))
-        _set_metadata(proto, {
-            "pneumoscan.model_name": ckpt.get("weight_name") or ckpt["model_name"],
-            "pneumoscan.preprocessing": json.dumps(ckpt["preprocessing"]),
-            "pneumoscan.threshold": str(float(ckpt.get("threshold", 0.5))),
-            "pneumoscan.temperature": str(float(ckpt.get("temperature", 1.0))),
-        })
-        onnx.save(proto, str(tmp))
-    return path
-
-
-def _project_exporter() -> Any:
-    """``export(ckpt, path) -> path`` from the project's ONNX exporter, if present."""
-    try:
-        from ..inference import onnx_export  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    for name in ("export_checkpoint", "export_onnx"):
-        fn = getattr(onnx_export, name, None)
-        if callable(fn):
-            def call(ckpt: dict[str, Any], path: Path, fn: Any = fn) -> Path:
-                out = fn(ckpt, path)
-                return Path(out) if isinstance(out, (str, Path)) else path
-            return call
-    return None
+    return Path(export_onnx(ckpt, path))
 
 
 def _set_metadata(proto: Any, props: dict[str, str]) -> None:

@@ -56,7 +56,12 @@ def _too_big(name: str, size: int) -> ImageTooLargeError:
 
 def _open_bytes(source: ImageSource, name: str) -> bytes:
     """The raw bytes of ``source``, refusing anything but regular files (a FIFO or a device
-    such as /dev/zero would hang or never end) and anything over :data:`MAX_FILE_BYTES`."""
+    such as /dev/zero would hang or never end) and anything over :data:`MAX_FILE_BYTES`.
+
+    Args:
+        source: a path, bytes or a binary stream.
+        name: the name used in error messages.
+    """
     if isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) > MAX_FILE_BYTES:
             raise _too_big(name, len(source))
@@ -219,7 +224,11 @@ def _pil_to_grey(img: Image.Image) -> tuple[np.ndarray, int]:
 
 def _minmax(a: np.ndarray) -> np.ndarray:
     """Scale to ``[0, 1]`` by the finite minimum and maximum (NaN/inf become the minimum),
-    as float32 without float64 temporaries the size of the image."""
+    as float32 without float64 temporaries the size of the image.
+
+    Args:
+        a: a numeric array of any shape (a constant array gives zeros).
+    """
     a = np.asarray(a)
     if a.size == 0:
         return np.zeros(a.shape, dtype=np.float32)
@@ -257,6 +266,10 @@ def _check_deflated_size(data: bytes, name: str) -> None:
     :data:`MAX_FILE_BYTES` (pydicom inflates it whole, in memory, while reading).
 
     The inflated size is measured by streaming through zlib without keeping the output.
+
+    Args:
+        data: the whole file.
+        name: the name used in error messages.
     """
     if len(data) < 144 or data[132:136] != b"\x02\x00\x00\x00" or data[136:138] != b"UL":
         return
@@ -276,7 +289,14 @@ def _check_deflated_size(data: bytes, name: str) -> None:
 
 
 def _dicom_header(ds: Any) -> dict[str, Any]:
-    """The image attributes the reader relies on, validated (hostile files can hold anything)."""
+    """The image attributes the reader relies on, validated (hostile files can hold anything).
+
+    Args:
+        ds: a pydicom data set.
+
+    Raises:
+        ValueError, TypeError: missing or impossible values (the caller reports them).
+    """
 
     def as_int(keyword: str, default: int) -> int:
         v = ds.get(keyword, default)
@@ -386,7 +406,11 @@ def _read_dicom(data: bytes, name: str) -> tuple[np.ndarray, dict[str, Any]]:
 
 def _transfer_syntax(ds: Any) -> Any:
     """The data set's transfer syntax; for a data set written without file meta information
-    (no preamble), the uncompressed one pydicom detected while reading it."""
+    (no preamble), the uncompressed one pydicom detected while reading it.
+
+    Args:
+        ds: a pydicom data set (its file meta gains the transfer syntax when it had none).
+    """
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
@@ -405,6 +429,15 @@ def _transfer_syntax(ds: Any) -> Any:
 
 
 def _dicom_decode_error(name: str, ts: Any, e: Exception, get_decoder: Any) -> ImageReadError:
+    """The error for pixel data pydicom could not decode: UnsupportedFormatError when no
+    decoder for the transfer syntax is installed, ImageReadError for corrupt data.
+
+    Args:
+        name: the name used in error messages.
+        ts: the transfer syntax UID (or ``None``).
+        e: pydicom's exception.
+        get_decoder: ``pydicom.pixels.get_decoder``.
+    """
     try:
         ts_name = str(getattr(ts, "name", None) or ts or "unknown")[:64]
     except Exception:  # noqa: BLE001 - a hostile UID value

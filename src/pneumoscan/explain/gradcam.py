@@ -10,7 +10,9 @@ Details that matter for pneumoscan's models:
 * the activation is copied in the forward hook and its gradient is taken with
   ``Tensor.register_hook``: a later in-place op (``ReLU(inplace=True)``) can neither change
   the recorded values nor break the backward pass;
-* the map explains the single pneumonia logit (positive evidence for PNEUMONIA).
+* the models have one logit ``z`` (PNEUMONIA when high): by default the map explains the
+  predicted class, i.e. ``z`` for an image predicted PNEUMONIA and ``-z`` (evidence for NORMAL)
+  otherwise; ``target="pneumonia"`` always explains ``z``.
 """
 from __future__ import annotations
 
@@ -25,6 +27,9 @@ from torch import nn
 from ..errors import ModelError
 
 log = logging.getLogger(__name__)
+
+#: What a map can explain: the predicted class, the pneumonia logit, or its negation.
+TARGETS = ("predicted", "pneumonia", "normal")
 
 
 def resolve_layer(model: nn.Module, layer: str | None = None) -> tuple[str, nn.Module]:
@@ -60,14 +65,22 @@ class GradCAM:
         model: a model mapping ``(B, 1, S, S)`` greyscale in [0, 1] to ``(B, 1)`` logits.
         layer: target layer name (``named_modules``), default: the registered model's
             ``gradcam_layer``.
+        target: ``"predicted"`` (explain the predicted class), ``"pneumonia"`` (the logit)
+            or ``"normal"`` (the negated logit).
+        logit_threshold: the logit at which the prediction turns PNEUMONIA (a Predictor's
+            operating point: ``T * log(t / (1 - t))``); used by ``"predicted"``.
 
     Example::
 
         cam = GradCAM(model)(batch)          # (B, 1, S, S) in [0, 1]
     """
 
-    def __init__(self, model: nn.Module, layer: str | None = None) -> None:
+    def __init__(self, model: nn.Module, layer: str | None = None, target: str = "predicted", logit_threshold: float = 0.0) -> None:
+        if target not in TARGETS:
+            raise ModelError(f"Grad-CAM target must be one of {', '.join(TARGETS)} (got '{target}')")
         self.model = model
+        self.target = target
+        self.logit_threshold = float(logit_threshold)
         self.layer_name, self.layer = resolve_layer(model, layer)
         self._acts: torch.Tensor | None = None
         self._grads: torch.Tensor | None = None
@@ -107,9 +120,15 @@ class GradCAM:
                 logits = self.model(inp).float().reshape(inp.shape[0], -1)[:, 0]
                 if self._acts is None:
                     raise ModelError(f"Grad-CAM layer '{self.layer_name}' was not used by the forward pass")
+                if self.target == "pneumonia":
+                    sign = torch.ones_like(logits)
+                elif self.target == "normal":
+                    sign = -torch.ones_like(logits)
+                else:
+                    sign = torch.where(logits.detach() >= self.logit_threshold, 1.0, -1.0)
                 # gradients w.r.t. the input only: parameters' .grad stay untouched, and the
                 # tensor hook on the activation fires on the way
-                torch.autograd.grad(logits.sum(), inp)
+                torch.autograd.grad((logits * sign).sum(), inp)
         finally:
             handle.remove()
             self.model.train(was_training)
@@ -125,7 +144,8 @@ class GradCAM:
         lo = flat.min(dim=1, keepdim=True).values
         hi = flat.max(dim=1, keepdim=True).values
         span = hi - lo
-        norm = torch.where(span > 1e-12, (flat - lo) / span.clamp_min(1e-12), torch.zeros_like(flat))
+        tiny = torch.finfo(torch.float32).tiny  # randomly initialised nets have minute activations
+        norm = torch.where(span > tiny, (flat - lo) / span.clamp_min(tiny), torch.zeros_like(flat))
         return norm.reshape(cam.shape).clamp_(0.0, 1.0).detach(), logits.detach()
 
     def __call__(self, x: torch.Tensor, upsample: bool = True) -> torch.Tensor:

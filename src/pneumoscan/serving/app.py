@@ -34,7 +34,6 @@ import concurrent.futures
 import contextlib
 import hmac
 import io
-import json
 import logging
 import math
 import re
@@ -69,9 +68,6 @@ log = logging.getLogger(__name__)
 MULTIPART_OVERHEAD = 64 * 1024
 #: Side of the heatmap and preview PNGs returned to clients (longest side, pixels).
 OVERLAY_MAX_SIDE = 512
-#: Smallest decode (longest side, pixels) the guard, preview and heatmap work on; the size
-#: the guard's parameters were fitted at.
-GUARD_MAX_SIDE = 512
 #: Largest model card returned by ``/v1/model`` (characters).
 MODEL_CARD_MAX_CHARS = 64_000
 MODEL_CARD_NAMES = ("MODEL_CARD.md", "model_card.md", "MODEL_CARD.txt", "model_card.txt")
@@ -290,17 +286,6 @@ class _Reservation:
 
 # ----------------------------------------------------------------------------- upload parsing
 @dataclass
-class Upload:
-    """The ``file`` field of a multipart request, held in memory only."""
-
-    data: bytes
-    filename: str | None
-    content_type: str | None
-    body_bytes: int
-    read_ms: float
-
-
-@dataclass
 class _PartState:
     headers: dict[bytes, bytes] = field(default_factory=dict)
     field_name: bytes = b""
@@ -506,12 +491,14 @@ def _clean(obj: Any) -> Any:
 
 # ----------------------------------------------------------------------------- inference
 class InferenceService:
-    """Runs decode + guard + predict (+ Grad-CAM) jobs in a bounded thread pool.
+    """Runs decode + guard + predict (+ Grad-CAM) jobs in a bounded thread pool, through
+    :meth:`Predictor.predict_arrays` (the path ``pneumoscan predict`` takes).
 
     Args:
         predictor: the loaded model.
         threads: worker threads (decoding runs in parallel; model calls hold a lock).
-        guard: refuse inputs that are not chest X-rays (when a guard is available).
+        guard: refuse inputs that are not chest X-rays: the predictor's own guard if it has
+            one, else the shipped guard when its parameters are installed.
     """
 
     def __init__(self, predictor: Predictor, threads: int = 2, guard: bool = True) -> None:
@@ -519,8 +506,8 @@ class InferenceService:
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pneumoscan-infer")
         self.model_lock = threading.Lock()
         self.pending = 0
-        self.gradcam = _load_gradcam(predictor)
-        self.heatmap_supported = self.gradcam is not None
+        self.gradcam_layer = _gradcam_layer(predictor)
+        self.heatmap_supported = self.gradcam_layer is not None
         self.guard = _load_guard(predictor) if guard else None
         self.guard_enabled = self.guard is not None
 
@@ -537,61 +524,42 @@ class InferenceService:
         timing = {"queue": (t0 - submitted) * 1000.0}
         p = self.predictor
         name = {"DICOM": "upload.dcm", "PNG": "upload.png"}.get(fmt, "upload.jpg")
-        # The model sees exactly the decode of Predictor.predict_image (JPEG draft mode down to
-        # its input size), so the service answers what `pneumoscan predict` answers; the guard,
-        # the preview and the heatmap use a decode of at least GUARD_MAX_SIDE pixels.
-        view_side = max(p.input_size, GUARD_MAX_SIDE)
-        view, meta = read_image_with_meta(data, max_side=view_side, name=name)
-        if fmt == "JPEG" and max(meta.get("original_size", view.shape[::-1])) > 2 * p.input_size:
-            arr = read_image_with_meta(data, max_side=p.input_size, name=name)[0]  # draft mode differs
-        else:
-            arr = view
+        # exactly the decode of Predictor.predict_image (JPEG draft mode down to the model's
+        # input size): the service answers what `pneumoscan predict` answers
+        arr, meta = read_image_with_meta(data, max_side=p.input_size, name=name)
+        view = arr
+        if want_preview and fmt == "JPEG" and max(arr.shape) < OVERLAY_MAX_SIDE < max(meta.get("original_size", (0, 0))):
+            view = read_image_with_meta(data, max_side=OVERLAY_MAX_SIDE, name=name)[0]  # a sharper preview
         del data
         t1 = time.perf_counter()
         timing["decode"] = (t1 - t0) * 1000.0
-        refused: Prediction | None = None
-        if self.guard is not None:
-            verdict = self.guard.check(view, meta)
-            if not verdict.ok:
-                refused = Prediction(None, None, None, p.threshold, p.name, refused=verdict.reason or "not a chest X-ray",
-                                     extra={"guard": verdict.to_dict()})
-            t_guard = time.perf_counter()
-            timing["guard"] = (t_guard - t1) * 1000.0
-            t1 = t_guard
-        if refused is not None:
-            pred = refused
-        else:
-            with self.model_lock:
-                pred = _predict(p, arr, self.gradcam if want_heatmap else None)
-            if self.guard is not None:
-                pred.extra.setdefault("guard", verdict.to_dict())
+        with self.model_lock:
+            pred = _predict(p, arr, meta, self.guard, want_heatmap and self.heatmap_supported)
         t2 = time.perf_counter()
         timing["inference"] = (t2 - t1) * 1000.0
-        h, w = _fit_size(view.shape[0], view.shape[1], OVERLAY_MAX_SIDE)
+        ow, oh = meta.get("original_size", (arr.shape[1], arr.shape[0]))
+        h, w = _fit_size(int(oh), int(ow), min(OVERLAY_MAX_SIDE, max(view.shape)))
         heat = None
         if want_heatmap and pred.heatmap is not None and pred.refused is None:
             heat = {"png_base64": _png_b64(heatmap_rgba(pred.heatmap, h, w)), "width": w, "height": h, "method": "grad-cam",
-                    "layer": getattr(self.gradcam, "layer_name", None)}
+                    "layer": self.gradcam_layer}
         preview = None
         if want_preview:
             preview = {"png_base64": _png_b64(to_uint8(_resize(view, h, w))), "width": w, "height": h}
         timing["render"] = (time.perf_counter() - t2) * 1000.0
-        ow, oh = meta.get("original_size", (view.shape[1], view.shape[0]))
         return {
             "prediction": pred, "heatmap": heat, "preview": preview, "timing": timing,
             "image": {"format": str(meta.get("format", fmt)), "width": int(ow), "height": int(oh)},
         }
 
 
-def _load_gradcam(predictor: Predictor) -> Any:
-    """A Grad-CAM explainer (:mod:`pneumoscan.explain`) on the model's registered layer, or
-    None, with a warning, when the model has none."""
+def _gradcam_layer(predictor: Predictor) -> str | None:
+    """The layer Grad-CAM explains on this predictor's model, or None (with a warning) when
+    the predictor cannot explain (e.g. no PyTorch model)."""
     try:
-        from ..explain import GradCAM
-
-        return GradCAM(predictor.model)
-    except (ImportError, PneumoscanError) as e:
-        log.warning("Grad-CAM unavailable (%s): predictions come without heatmaps", str(e).splitlines()[0])
+        return str(predictor.gradcam().layer_name)
+    except (ImportError, AttributeError, PneumoscanError) as e:
+        log.warning("Grad-CAM unavailable (%s): predictions come without heatmaps", str(e).splitlines()[0] if str(e) else e.__class__.__name__)
         return None
 
 
@@ -599,7 +567,7 @@ def _load_guard(predictor: Predictor) -> Any:
     """The predictor's own not-a-chest-X-ray guard if it carries one, else the shipped guard
     (:mod:`pneumoscan.guard`); None, with a warning, when no guard parameters are installed."""
     own = getattr(predictor, "guard", None)
-    if own is not None and callable(getattr(own, "check", None)):
+    if own is not None:
         return own
     try:
         from ..guard import Guard
@@ -610,18 +578,13 @@ def _load_guard(predictor: Predictor) -> Any:
         return None
 
 
-def _predict(predictor: Predictor, arr: np.ndarray, gradcam: Any = None) -> Prediction:
-    """Predict one decoded image (the caller holds the model lock) and, with ``gradcam``,
-    attach its Grad-CAM map (model input resolution, [0, 1]); a refusal raised by the
-    predictor as NotChestXrayError becomes a refused Prediction."""
+def _predict(predictor: Predictor, arr: np.ndarray, meta: dict[str, Any], guard: Any, heatmap: bool) -> Prediction:
+    """Guard, predict and explain one decoded image (the caller holds the model lock); a
+    refusal raised as NotChestXrayError becomes a refused Prediction."""
     try:
-        pred = predictor.predict_arrays([arr])[0]
+        return predictor.predict_arrays([arr], metas=[meta], guard=guard if guard is not None else False, heatmap=heatmap)[0]
     except NotChestXrayError as e:
         return Prediction(None, None, None, predictor.threshold, predictor.name, refused=str(e))
-    if gradcam is not None and pred.refused is None and pred.heatmap is None:
-        cam = gradcam(predictor.preprocess([arr]).to(predictor.device))
-        pred.heatmap = cam[0, 0].float().cpu().numpy()
-    return pred
 
 
 # ----------------------------------------------------------------------------- model info
@@ -972,8 +935,3 @@ def _content_length(request: Request) -> int | None:
     if n < 0:
         raise ApiError(400, "bad_request", "invalid Content-Length header")
     return n
-
-
-def openapi_json(app: FastAPI) -> str:
-    """The app's OpenAPI document as JSON text (for docs builds)."""
-    return json.dumps(app.openapi(), indent=2)

@@ -141,7 +141,7 @@
   function renderTiming(t) {
     const dl = $("timing");
     dl.replaceChildren();
-    const names = [["total", "total"], ["upload", "upload"], ["decode", "decode"], ["guard", "guard"], ["inference", "model"], ["render", "render"]];
+    const names = [["total", "total"], ["upload", "upload"], ["decode", "decode"], ["inference", "model"], ["render", "render"]];
     names.forEach(function (pair) {
       if (typeof t[pair[0]] !== "number") return;
       const wrap = document.createElement("div");
@@ -206,7 +206,7 @@
       show(ov, true);
       slider.disabled = false;
       $("overlay-note").textContent = "Grad-CAM" + (heatmap.layer ? " on layer " + heatmap.layer : "") +
-        ": warm colours mark the regions that drove the prediction most.";
+        ": warm colours mark the regions that most supported the model's answer.";
       applyOpacity();
     } else {
       ov.removeAttribute("src");

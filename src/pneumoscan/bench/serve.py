@@ -1,0 +1,197 @@
+"""``pneumoscan benchmark serve``: request latency of the web service (``POST /v1/predict``
+through a real uvicorn server on a free loopback port) for each inference backend, against
+the hand-written baseline (torchvision fp32 eager, one image, no HTTP) on the same images in
+the same run. ``benchmarks/load.py`` is the concurrency/load test; this is the per-request
+latency view.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+from .accel import fast_predictor
+from .baseline import naive_loop
+from .common import BenchReport, VariantResult, machine_info, peak_rss_mb, percentiles, reset_peak_rss
+
+log = logging.getLogger(__name__)
+
+
+class _Server:
+    """uvicorn serving ``app`` from a background thread on 127.0.0.1:<free port>."""
+
+    def __init__(self, app: Any) -> None:
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> "_Server":
+        self.thread.start()
+        t0 = time.monotonic()
+        while not self.server.started:
+            if time.monotonic() - t0 > 60 or not self.thread.is_alive():
+                raise ConfigError("the benchmark's uvicorn server did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.sock.close()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@contextlib.contextmanager
+def _quiet(name: str) -> Iterator[None]:
+    """Raise logger ``name`` to WARNING (the service logs every request at INFO)."""
+    lg = logging.getLogger(name)
+    level = lg.level
+    lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        lg.setLevel(level)
+
+
+def _mime(path: Path) -> str:
+    return {".png": "image/png", ".dcm": "application/dicom"}.get(path.suffix.lower(), "image/jpeg")
+
+
+def run_serve_benchmark(
+    checkpoint: str | Path,
+    images: Sequence[str | Path],
+    *,
+    requests: int = 40,
+    concurrency: int = 4,
+    backends: Sequence[str] = ("torch-fp32", "torch-bf16", "onnx-int8"),
+    int8: str | Path | None = None,
+    guard: bool = True,
+    batch_size: int = 8,
+) -> BenchReport:
+    """Latency percentiles and throughput of ``POST /v1/predict`` per backend.
+
+    Args:
+        checkpoint: checkpoint file or run directory.
+        images: uploads, sent in turn (e.g. one 2,000-px JPEG and one 224-px JPEG).
+        requests: sequential requests per variant (latency percentiles).
+        concurrency: clients of the throughput burst (``requests`` requests in all).
+        backends: service backends (``torch-fp32`` is what ``pneumoscan serve`` runs today).
+        int8: vetted int8 ONNX model; otherwise quantised in the run (speed only).
+        guard: run the not-a-chest-X-ray guard as the service does by default.
+        batch_size: Predictor batch size.
+    """
+    try:
+        import httpx
+
+        from ..serving.app import ServeSettings, create_app
+    except ImportError as e:
+        raise ConfigError(f"the serve benchmark needs the serve extra and httpx ({e.name} missing): pip install 'pneumoscan[serve]' httpx") from e
+    import tempfile
+
+    from ..training.checkpoint import load_checkpoint
+    from .quantize import export_fp32_onnx, quantize_int8
+
+    torch.set_flush_denormal(True)
+    ckpt = load_checkpoint(checkpoint)
+    paths = [Path(p) for p in images]
+    for p in paths:
+        if not p.is_file():
+            raise ConfigError(f"image not found: {p}")
+    payloads = [(p.name, p.read_bytes(), _mime(p)) for p in paths]
+    notes: list[str] = []
+    results: list[VariantResult] = []
+
+    # baseline: the naive loop on the same files, no HTTP
+    naive = naive_loop(ckpt)
+    for p in paths:
+        naive(str(p))
+    reset_peak_rss()
+    lat = []
+    t_all = time.perf_counter()
+    for i in range(requests):
+        t0 = time.perf_counter()
+        naive(str(paths[i % len(paths)]))
+        lat.append((time.perf_counter() - t0) * 1e3)
+    results.append(VariantResult(
+        name="hand-written loop (fp32 eager, no HTTP)", baseline=True, images_per_s=requests / (time.perf_counter() - t_all),
+        latency_ms=percentiles(lat), peak_rss_mb=peak_rss_mb(), extra={"key": "baseline"},
+    ))
+
+    with tempfile.TemporaryDirectory(prefix="pneumoscan-bench-serve-") as tmp:
+        onnx_fp32 = Path(tmp) / "model.onnx"
+        for b in backends:
+            kwargs: dict[str, Any] = {"batch_size": batch_size}
+            if b.startswith("onnx"):
+                if not onnx_fp32.is_file():
+                    export_fp32_onnx(ckpt, onnx_fp32)
+                if b == "onnx-int8":
+                    path = Path(int8) if int8 else Path(tmp) / "model.int8.onnx"
+                    if not int8 and not path.is_file():
+                        from .quantize import preprocess_files
+
+                        from ..data.datasets import Sample
+
+                        xc, _ = preprocess_files([Sample(str(p), 0, "") for p in paths], int(ckpt["preprocessing"]["input_size"]))
+                        quantize_int8(onnx_fp32, path, np.repeat(xc, max(1, 16 // len(xc)), axis=0))
+                        notes.append("int8 model quantised in this run from the upload images (speed only)")
+                    kwargs["onnx_path"] = path
+                else:
+                    kwargs["onnx_path"] = onnx_fp32
+            predictor = fast_predictor(ckpt, b, **kwargs)
+            app = create_app(predictor, ServeSettings(guard=guard, inference_threads=2))
+            with _quiet("pneumoscan.serving"), _Server(app) as srv, httpx.Client(base_url=srv.url, timeout=120) as client:
+                def post(i: int) -> float:
+                    name, data, mime = payloads[i % len(payloads)]
+                    t0 = time.perf_counter()
+                    r = client.post("/v1/predict", files={"file": (name, data, mime)})
+                    dt = (time.perf_counter() - t0) * 1e3
+                    if r.status_code != 200:
+                        raise ConfigError(f"/v1/predict answered {r.status_code}: {r.text[:200]}")
+                    return dt
+
+                for i in range(2 * len(payloads)):
+                    post(i)  # warm
+                reset_peak_rss()
+                t_all = time.perf_counter()
+                lat = [post(i) for i in range(requests)]
+                seq_ips = requests / (time.perf_counter() - t_all)
+                t_all = time.perf_counter()
+                with ThreadPoolExecutor(max_workers=concurrency) as pool:
+                    list(pool.map(post, range(requests)))
+                burst_ips = requests / (time.perf_counter() - t_all)
+                body = client.post("/v1/predict", files={"file": payloads[0]}).json()
+            results.append(VariantResult(
+                name=f"service /v1/predict, {b}", images_per_s=seq_ips, latency_ms=percentiles(lat), peak_rss_mb=peak_rss_mb(),
+                extra={"key": b, "concurrent_images_per_s": burst_ips, "concurrency": concurrency,
+                       "server_timing_ms": body.get("timing") or body.get("timing_ms"), "probability": body.get("probability")},
+            ))
+    notes.append(f"uploads: {', '.join(f'{n} ({len(d) / 1e3:.0f} kB)' for n, d, _ in payloads)}; guard {'on' if guard else 'off'}; "
+                 f"img/s = sequential requests; JSON has the {concurrency}-client burst rate")
+    report = BenchReport(
+        benchmark="serve", title=f"{requests} sequential POST /v1/predict per backend (+ {concurrency}-client burst)",
+        machine=machine_info(), settings={"checkpoint": str(ckpt.get("_path")), "requests": requests, "guard": guard},
+        variants=results, notes=notes,
+    ).finish()
+    fast = [v for v in report.variants if not v.baseline and v.latency_ms]
+    if fast:
+        best = min(fast, key=lambda v: v.latency_ms["p50"])
+        report.targets.append({"what": f"served latency p50, {best.name}", "measured": f"{best.latency_ms['p50']:.1f} ms",
+                               "goal": "<= 50 ms (2,000-px JPEG, warm)", "met": best.latency_ms["p50"] <= 50.0})
+    return report
