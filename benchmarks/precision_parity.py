@@ -87,9 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print(format_machine(machine_info()))
     print(f"{args.model}, {args.images} images, {args.epochs} epochs, patient-grouped validation")
-    print(f"{'seed':>4} {'precision':>9} {'val AUC (last)':>15} {'val AUC (best)':>15} {'n val':>6} {'train img/s':>12}")
+    print(f"{'seed':>4} {'precision':>9} {'val AUC (last epoch)':>21} {'val AUC (best-loss epoch)':>25} {'n val':>6} {'train img/s':>12}")
     for r in rows:
-        print(f"{r['seed']:>4} {r['precision']:>9} {r['val_auc_last_epoch']:>15.4f} {r['val_auc_best_epoch']:>15.4f} {r['n_val']:>6} {r['train_img_per_s']:>12.1f}")
+        best = f"{r['val_auc_best_epoch']:.4f} (epoch {r['best_epoch']})"
+        print(f"{r['seed']:>4} {r['precision']:>9} {r['val_auc_last_epoch']:>21.4f} {best:>25} {r['n_val']:>6} {r['train_img_per_s']:>12.1f}")
     if len(precs) == 2:
         a, b = precs
         by = {(r["seed"], r["precision"]): r for r in rows}

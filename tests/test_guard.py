@@ -118,9 +118,15 @@ def test_malformed_parameters_raise_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError):
         Guard.from_file(bad)
     params = json.loads(default_guard_path().read_text())
-    params["coef"] = params["coef"][:-1]
+    short = {**params, "coef": params["coef"][:-1]}
+    with pytest.raises(ConfigError, match="do not fit"):
+        Guard(short)
     with pytest.raises(ConfigError, match="same length"):
-        Guard(params)
+        Guard({**params, "mean": params["mean"][:-1]})
+    with pytest.raises(ConfigError, match="threshold"):
+        Guard({**params, "threshold": 1.5})
+    with pytest.raises(ConfigError, match="format"):
+        Guard({**params, "format": "something-else"})
     with pytest.raises(ConfigError, match="not found"):
         Guard.from_file(tmp_path / "missing.json")
 

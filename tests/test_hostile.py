@@ -8,6 +8,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -90,14 +91,31 @@ def test_bytes_and_stream_sources_behave_like_paths(corpus: dict, name: str) -> 
             assert str(ei.value).startswith(f"{name}: ")
 
 
-@pytest.mark.parametrize("name", ["fifo.png", "devzero.png", "folder.png", "missing.png", "dangling.png"])
+class _Hang(Exception):
+    """Raised by SIGALRM when the reader blocks (not an OSError, so nothing can mask it)."""
+
+
+def _on_alarm(signum: int, frame: object) -> None:
+    raise _Hang("the reader blocked on a special file")
+
+
+# /dev/zero is only read in the measured child process: a regression would eat memory here.
+@pytest.mark.parametrize("name", ["fifo.png", "folder.png", "missing.png", "dangling.png"])
 def test_special_paths_fail_fast(path_corpus: dict, name: str) -> None:
     if name not in path_corpus:
         pytest.skip(f"{name} cannot be made on this platform")
     path, _ = path_corpus[name]
     t0 = time.perf_counter()
-    with pytest.raises(ImageReadError) as ei:
-        read_image(path)
+    old = signal.signal(signal.SIGALRM, _on_alarm) if hasattr(signal, "SIGALRM") else None
+    if old is not None:
+        signal.alarm(10)  # a FIFO opened for reading blocks until a writer comes: fail, never hang
+    try:
+        with pytest.raises(ImageReadError) as ei:
+            read_image(path)
+    finally:
+        if old is not None:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, old)
     assert time.perf_counter() - t0 < 5, "a special file must be refused without reading it"
     assert type(ei.value) is ImageReadError and str(ei.value).startswith(str(path))
 
@@ -161,21 +179,31 @@ def test_every_file_in_a_child_process_bounded_time_and_memory(corpus: dict, pat
 
 
 # --------------------------------------------------------------------------- CLI
-def _run_measured(argv: list[str], timeout: float) -> tuple[int, str, str, float]:
-    """Run a command; return exit code, stdout, stderr and its peak RSS in MB (wait4)."""
-    env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1"}
-    with subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO) as proc:
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
-            raise AssertionError(f"{argv[:4]} hung for more than {timeout}s") from None
-        # communicate() reaped it: the peak RSS comes from RUSAGE_CHILDREN, bounded above
-        import resource
+_WRAPPER = (
+    "import resource, subprocess, sys\n"
+    "rc = subprocess.call(sys.argv[1:])\n"
+    "sys.stderr.write('\\nPEAK_RSS_KB=%d\\n' % resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+    "sys.exit(rc)\n"
+)
 
-        rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-        return proc.returncode, out, err, rss
+
+def _run_measured(argv: list[str], timeout: float) -> tuple[int, str, str, float]:
+    """Run a command; return exit code, stdout, stderr and its peak RSS in MB.
+
+    A small wrapper process runs the command and reports ``getrusage(RUSAGE_CHILDREN)``:
+    its only child is the command, so the figure is that command's own peak.
+    """
+    env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1"}
+    with subprocess.Popen([sys.executable, "-c", _WRAPPER, *argv], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, env=env, cwd=REPO, start_new_session=True) as p:
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)  # the wrapper and the command it runs
+            p.communicate()
+            raise AssertionError(f"{argv[2:5]} hung for more than {timeout}s") from None
+    err, _, tail = err.rpartition("\nPEAK_RSS_KB=")
+    return p.returncode, out, err, int(tail.strip()) / 1024
 
 
 def _hostile_dataset(root: Path, corpus: dict, path_corpus: dict, xray_dir: Path) -> tuple[list[str], list[str]]:
@@ -253,3 +281,27 @@ def test_cli_predict_on_hostile_files(corpus: dict, path_corpus: dict, xray_dir:
         naming = [ln for ln in err_lines if ln.startswith(f"{p}: ")]
         assert len(naming) == 1, f"{p}: {naming}"
         assert naming[0] == f"{p}: {a['error']}"
+
+
+@pytest.mark.slow
+def test_cli_predict_many_64_megapixel_images_bounded_memory(corpus: dict, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """Memory does not grow with the number of huge inputs: ten 64-megapixel images (PNG and
+    deflated DICOM) in one run stay under the bound although prediction reads ahead in
+    threads (the reader decodes one huge image at a time, reduces it to the size the model
+    needs and returns the freed heap)."""
+    if not _has_predict():
+        pytest.skip("pneumoscan predict is not installed yet")
+    tiny_run: Path = request.getfixturevalue("tiny_run")
+    files = []
+    for i in range(10):
+        src = corpus["max_8000.png" if i % 5 else "deflate_8000.dcm"][0]
+        link = tmp_path / f"{i:02d}_{src.name}"
+        link.symlink_to(src)
+        files.append(link)
+    argv = [sys.executable, "-m", "pneumoscan", "predict", "--checkpoint", str(tiny_run), "--format", "json",
+            "--no-progress", "--no-guard", *map(str, files)]
+    code, out, err, rss = _run_measured(argv, 900)
+    assert code == 0, err[-2000:]
+    answers = [json.loads(line) for line in out.splitlines() if line.strip()]
+    assert len(answers) == 10 and all(0.0 <= a["probability"] <= 1.0 for a in answers)
+    assert rss < RSS_LIMIT_MB, f"peak RSS {rss:.0f} MB"

@@ -160,7 +160,7 @@ def test_cli_predict_json_folders_globs_and_bad_files(cli, tiny_run: Path, xray_
     res = cli("predict", "--checkpoint", tiny_run, "--format", "json", "--no-guard", folder, pattern, tmp_path / "nope.png", "*.nomatch")
     assert res.code == 1  # some files failed
     rows = _json_lines(res.out)
-    expected = sorted(str(p) for p in folder.rglob("*") if p.suffix != ".txt")
+    expected = sorted(str(p) for p in folder.rglob("*") if p.is_file() and p.suffix != ".txt")
     expected += sorted(str(p) for p in (xray_dir / "val").glob("*/*.jpeg"))
     expected += [str(tmp_path / "nope.png"), "*.nomatch"]
     assert [r["path"] for r in rows] == expected

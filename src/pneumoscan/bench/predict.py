@@ -78,7 +78,8 @@ def _predict_cli_flags() -> set[str] | None:
 
 
 def _run_process(cmd: list[str], timeout: float) -> tuple[float, int, str]:
-    env = {**os.environ, "MPLBACKEND": "Agg"}
+    # the child processes get the thread count the in-process variants run with
+    env = {**os.environ, "MPLBACKEND": "Agg", "OMP_NUM_THREADS": str(torch.get_num_threads())}
     t0 = time.perf_counter()
     p = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout, env=env)
     dt = time.perf_counter() - t0

@@ -4,18 +4,25 @@ Every path returns a 2-D ``float32`` greyscale array in ``[0, 1]``. 16-bit data 
 DICOM) keeps its full precision until this final normalisation. DICOM handling follows the
 standard display pipeline: modality LUT (rescale slope/intercept), VOI LUT or window, then
 MONOCHROME1 inversion so that bone is always bright.
+
+Hostile input gets one :class:`~pneumoscan.errors.ImageReadError` naming the file, never a hang
+or unbounded memory: only regular files up to :data:`MAX_FILE_BYTES` are read (no FIFOs or
+devices), only the Pillow plugins of :data:`PIL_FORMATS` parse bytes, images above
+:data:`MAX_PIXELS` (declared, or inflated from a deflated DICOM) are refused before decoding,
+and images above :data:`BIG_PIXELS` are decoded one at a time per process.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
 import stat
 import struct
+import threading
 import warnings
 import zlib
-from pathlib import Path
-from typing import IO, Any, Union
+from typing import IO, Any, Iterator, Union
 
 import numpy as np
 from PIL import Image, ImageFile
@@ -31,6 +38,9 @@ MAX_PIXELS = 64_000_000
 #: Largest file (and largest inflated deflate-compressed DICOM data set) pneumoscan reads;
 #: a 64-megapixel image is 128 MB as 16-bit greyscale, 192 MB as 8-bit RGB.
 MAX_FILE_BYTES = 256 * 1024 * 1024
+#: Images above this many pixels are decoded one at a time per process (decoding needs a
+#: few bytes of transient memory per pixel; prediction and the service decode in threads).
+BIG_PIXELS = 16_000_000
 #: Formats Pillow may decode for us.
 PIL_FORMATS = {"JPEG", "PNG", "BMP", "TIFF", "GIF", "WEBP", "MPO"}
 # Pillow plugins allowed to parse input (MPO files are recognised by the JPEG plugin).
@@ -118,8 +128,10 @@ def read_image(source: ImageSource, *, max_side: int | None = None, name: str | 
 
     Args:
         source: a path, raw bytes or a binary file object.
-        max_side: if given, large JPEGs are decoded at reduced size (Pillow draft mode,
-            never below ``max_side``), which is much faster for multi-megapixel files.
+        max_side: if given, large images come back reduced, each side never below
+            ``max_side``: JPEGs are decoded at reduced size (Pillow draft mode, much faster
+            for multi-megapixel files), other formats are box-filtered after decoding by the
+            integer factor that keeps the short side >= ``max_side``.
         name: the name used in error messages (defaults to the path).
 
     Raises:
@@ -143,15 +155,77 @@ def read_image_with_meta(
     if len(data) == 0:
         raise ImageReadError(nm, "empty file (0 bytes)")
     if is_dicom(data):
-        return _read_dicom(data, nm)
+        return _read_dicom(data, nm, max_side)
     if nm.lower().endswith((".dcm", ".dicom")):
         # A .dcm name without the Part-10 magic: an ordinary image misnamed, or a DICOM data
         # set written without preamble (which Pillow does not recognise).
         try:
             return _read_pil(data, nm, max_side)
         except UnsupportedFormatError:
-            return _read_dicom(data, nm)
+            return _read_dicom(data, nm, max_side)
     return _read_pil(data, nm, max_side)
+
+
+_BIG_DECODES = threading.BoundedSemaphore(1)
+_holding = threading.local()
+
+
+@contextlib.contextmanager
+def _big_decode(pixels: int) -> Iterator[None]:
+    """Let one thread at a time decode an image of more than :data:`BIG_PIXELS` pixels, so
+    that concurrent reads (prediction's read-ahead threads, the service's workers) never add
+    up the transient memory of several huge images. Re-entrant within a thread.
+
+    Args:
+        pixels: the image's pixel count (or an estimate from its size in bytes).
+    """
+    if pixels <= BIG_PIXELS or getattr(_holding, "slot", False):
+        yield
+        return
+    with _BIG_DECODES:
+        _holding.slot = True
+        try:
+            yield
+        finally:
+            _holding.slot = False
+            _trim_heap()
+
+
+def _trim_heap() -> None:
+    """Return freed heap memory to the OS (glibc keeps it in per-thread arenas, so a few
+    reader threads that each decoded one huge image would otherwise hold on to it)."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc: nothing to do
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim: Any = None
+
+
+def _reduce(arr: np.ndarray, max_side: int | None) -> np.ndarray:
+    """Shrink a decoded image by an integer box filter (Pillow ``reduce``) when both sides are
+    at least twice ``max_side``, keeping every side >= ``max_side`` — what JPEG draft mode does
+    while decoding, for every format. Callers that ask for a small image (prediction, the
+    service) then hold a small array, not a 64-megapixel one.
+
+    Args:
+        arr: 2-D float32 image in [0, 1].
+        max_side: the smallest side the caller needs; ``None`` keeps the full resolution.
+    """
+    if not max_side or arr.ndim != 2:
+        return arr
+    k = min(arr.shape) // max_side
+    if k < 2:
+        return arr
+    out = np.array(Image.fromarray(np.ascontiguousarray(arr, dtype=np.float32)).reduce(k), dtype=np.float32)
+    return np.clip(out, 0.0, 1.0, out=out)
 
 
 # ----------------------------------------------------------------------------- Pillow
@@ -172,10 +246,12 @@ def _read_pil(data: bytes, name: str, max_side: int | None) -> tuple[np.ndarray,
                 raise ImageTooLargeError(name, f"image too large ({original_size[0]}x{original_size[1]} pixels; limit {MAX_PIXELS:,})")
             if w < 1 or h < 1:
                 raise ImageReadError(name, "image has no pixels")
-            img.seek(0)  # first frame of animated images
-            img.load()
-            arr, bits = _pil_to_grey(img)
-            colour = colour_stats(img)
+            with _big_decode(w * h):
+                img.seek(0)  # first frame of animated images
+                img.load()
+                arr, bits = _pil_to_grey(img)
+                colour = colour_stats(img)
+                arr = _reduce(arr, max_side)
     except ImageReadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -261,7 +337,7 @@ _DEFLATED_TS = b"1.2.840.10008.1.2.1.99"
 _COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_420", "YBR_PARTIAL_422", "YBR_RCT", "YBR_ICT", "PALETTE COLOR")
 
 
-def _check_deflated_size(data: bytes, name: str) -> None:
+def _check_deflated_size(data: bytes, name: str) -> int:
     """Refuse a Deflated Explicit VR Little Endian file whose data set inflates beyond
     :data:`MAX_FILE_BYTES` (pydicom inflates it whole, in memory, while reading).
 
@@ -270,12 +346,16 @@ def _check_deflated_size(data: bytes, name: str) -> None:
     Args:
         data: the whole file.
         name: the name used in error messages.
+
+    Returns:
+        The size of the data set pydicom will parse: inflated for a deflated file, else the
+        file's size.
     """
     if len(data) < 144 or data[132:136] != b"\x02\x00\x00\x00" or data[136:138] != b"UL":
-        return
+        return len(data)
     meta_end = 144 + struct.unpack("<I", data[140:144])[0]
     if _DEFLATED_TS not in data[132:meta_end]:
-        return
+        return len(data)
     d = zlib.decompressobj(-zlib.MAX_WBITS)
     buf, total = data[meta_end:], 0
     try:
@@ -286,6 +366,7 @@ def _check_deflated_size(data: bytes, name: str) -> None:
             buf = d.unconsumed_tail
     except zlib.error as e:
         raise ImageReadError(name, f"invalid DICOM file (corrupt deflate stream: {e})") from e
+    return meta_end + total
 
 
 def _dicom_header(ds: Any) -> dict[str, Any]:
@@ -321,14 +402,16 @@ def _dicom_header(ds: Any) -> dict[str, Any]:
     return h
 
 
-def _read_dicom(data: bytes, name: str) -> tuple[np.ndarray, dict[str, Any]]:
+def _read_dicom(data: bytes, name: str, max_side: int | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     try:
         import pydicom
         from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder
     except ImportError as e:  # pragma: no cover - pydicom>=3 is a core dependency
         raise UnsupportedFormatError(name, "DICOM support needs pydicom>=3 (pip install -U pydicom)") from e
-    _check_deflated_size(data, name)
-    with warnings.catch_warnings():
+    dataset_bytes = _check_deflated_size(data, name)
+    # a data set of N bytes holds up to N/2 16-bit pixels; compressed pixel data is checked
+    # again below, once the header gives the image size
+    with contextlib.ExitStack() as slot, _big_decode(dataset_bytes // 2), warnings.catch_warnings():
         # pydicom warns about every deviation of hostile or sloppy files; the reader either
         # succeeds or raises one ImageReadError, so the warnings are only logged.
         warnings.simplefilter("ignore")
@@ -350,6 +433,7 @@ def _read_dicom(data: bytes, name: str) -> tuple[np.ndarray, dict[str, Any]]:
             raise ImageReadError(name, f"invalid DICOM image attributes ({str(e) or e.__class__.__name__})") from e
         if h["rows"] * h["cols"] > MAX_PIXELS:
             raise ImageTooLargeError(name, f"image too large ({h['cols']}x{h['rows']} pixels; limit {MAX_PIXELS:,})")
+        slot.enter_context(_big_decode(h["rows"] * h["cols"]))
         try:
             ts = _transfer_syntax(ds)
         except Exception:  # noqa: BLE001 - hostile encodings; pydicom reports it when decoding
@@ -378,8 +462,8 @@ def _read_dicom(data: bytes, name: str) -> tuple[np.ndarray, dict[str, Any]]:
             elif photometric in _COLOUR:
                 raise ValueError(f"{photometric} data of shape {arr.shape}")
             else:
-                a = apply_modality_lut(arr, ds)
-                a = apply_voi_lut(a, ds, index=0)
+                with np.errstate(all="ignore"):  # hostile windows may overflow; the result is sanitised
+                    a = _modality_and_voi(arr, ds, apply_modality_lut, apply_voi_lut)
                 if photometric == "MONOCHROME1":
                     out = 1.0 - _minmax(a)  # inverted so that bone is bright, as in MONOCHROME2
                 else:
@@ -390,6 +474,8 @@ def _read_dicom(data: bytes, name: str) -> tuple[np.ndarray, dict[str, Any]]:
             raise ImageTooLargeError(name, "DICOM image too large to process in memory") from e
         except Exception as e:  # noqa: BLE001
             raise ImageReadError(name, f"invalid DICOM LUT/window or pixel layout ({e.__class__.__name__}: {str(e)[:80]})") from e
+        del ds, arr
+        out = _reduce(out, max_side)
     if out.ndim != 2 or out.size == 0:
         raise ImageReadError(name, f"unexpected DICOM pixel array shape {tuple(out.shape)}")
     out = out.astype(np.float32, copy=False)
@@ -402,6 +488,74 @@ def _read_dicom(data: bytes, name: str) -> tuple[np.ndarray, dict[str, Any]]:
         "body_part": h["body_part"],
     }
     return out, meta
+
+
+def _first(value: Any) -> float:
+    """The first value of a possibly multi-valued DICOM number."""
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        value = value[0]
+    return float(value)
+
+
+def _modality_and_voi(arr: np.ndarray, ds: Any, apply_modality_lut: Any, apply_voi_lut: Any) -> np.ndarray:
+    """The DICOM grey-scale pipeline before presentation: modality LUT (rescale slope and
+    intercept, or a Modality LUT Sequence), then the first VOI LUT (a VOI LUT Sequence takes
+    precedence over a window). Tables go through pydicom; rescale and the window functions
+    (LINEAR, LINEAR_EXACT, SIGMOID, PS3.3 C.11.2.1.2) are computed here in float32, in place —
+    pydicom's float64 versions need 16 bytes per pixel for a large image. The window's output
+    is normalised to [0, 1] (the reader min-max scales the result anyway).
+
+    Args:
+        arr: stored pixel values (one frame).
+        ds: the data set.
+        apply_modality_lut, apply_voi_lut: pydicom's functions, for the table cases.
+    """
+    if ds.get("ModalityLUTSequence"):
+        x = np.asarray(apply_modality_lut(arr, ds))
+    elif "RescaleSlope" in ds and "RescaleIntercept" in ds:
+        x = arr.astype(np.float32)
+        slope, intercept = _first(ds.RescaleSlope), _first(ds.RescaleIntercept)
+        if slope != 1.0:
+            x *= np.float32(slope)
+        if intercept != 0.0:
+            x += np.float32(intercept)
+    else:
+        x = arr
+    if ds.get("VOILUTSequence"):
+        return np.asarray(apply_voi_lut(x, ds, index=0))
+    if ds.get("WindowCenter") is None or ds.get("WindowWidth") is None:
+        return x
+    centre, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
+    func = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()
+    out = x.astype(np.float32) if x is arr or x.dtype != np.float32 else x
+    if func == "LINEAR":
+        if width < 1:
+            raise ValueError("Window Width must be >= 1 for LINEAR windowing")
+        if width == 1:  # a step at centre - 0.5
+            return (out > centre - 0.5).astype(np.float32)
+        out -= np.float32(centre - 0.5)
+        out /= np.float32(width - 1)
+        out += np.float32(0.5)
+    elif func == "LINEAR_EXACT":
+        if width <= 0:
+            raise ValueError("Window Width must be > 0 for LINEAR_EXACT windowing")
+        out -= np.float32(centre)
+        out /= np.float32(width)
+        out += np.float32(0.5)
+    elif func == "SIGMOID":
+        if width <= 0:
+            raise ValueError("Window Width must be > 0 for SIGMOID windowing")
+        out -= np.float32(centre)
+        out *= np.float32(-4.0 / width)
+        with np.errstate(over="ignore"):
+            np.exp(out, out=out)
+        out += np.float32(1.0)
+        np.reciprocal(out, out=out)
+        return out
+    else:
+        raise ValueError(f"unsupported VOI LUT Function '{func}'")
+    np.clip(out, 0.0, 1.0, out=out)
+    return out
 
 
 def _transfer_syntax(ds: Any) -> Any:

@@ -6,10 +6,11 @@ Two stages, both deterministic and cheap (a few milliseconds per image):
 1. **Rules** on the reader's metadata and obvious properties: a DICOM modality other than a
    radiograph (CT, MR, US, ...), a DICOM body part other than the chest, a colour image,
    a blank image, an image too small or with an aspect ratio no chest film has.
-2. A **logistic regression** on :func:`pneumoscan.guard.features.image_features`, fitted by
-   ``pneumoscan guard fit`` on chest X-rays versus photographs, documents, screenshots,
-   charts, noise, CT/MR slices... Its parameters ship as JSON in
-   ``pneumoscan/assets/guard/guard.json`` (no pickle, no extra dependency at run time).
+2. A **small classifier** (a one-hidden-layer network, or a logistic regression) on
+   :func:`pneumoscan.guard.features.image_features`, fitted by ``pneumoscan guard fit`` on
+   chest X-rays versus photographs, documents, screenshots, charts, noise, CT/MR slices...
+   Its parameters ship as JSON in ``pneumoscan/assets/guard/guard.json`` (no pickle, no
+   extra dependency at run time: the forward pass is a few lines of numpy).
 
 Use::
 
@@ -91,13 +92,16 @@ class GuardResult:
 
 
 class Guard:
-    """A fitted guard: rules plus a logistic regression on image features.
+    """A fitted guard: rules plus a small classifier on image features.
 
     Args:
         params: the parameter dict (the content of ``guard.json``): ``features`` (names),
-            ``mean``/``scale`` (standardisation), ``coef``/``intercept``, ``threshold`` (on
-            the probability of being a chest X-ray), ``template`` (``16×16`` mean chest
-            thumbnail) and optional ``rules`` overriding :data:`DEFAULT_RULES`.
+            ``mean``/``scale`` (standardisation), ``classifier`` (``"mlp"`` or
+            ``"logistic"``), for an MLP ``hidden_weights`` (features × units) and
+            ``hidden_bias`` (ReLU units), then ``coef``/``intercept`` of the output logit,
+            ``threshold`` (on the probability of being a chest X-ray), ``template``
+            (``16×16`` mean chest thumbnail) and optional ``rules`` overriding
+            :data:`DEFAULT_RULES`.
 
     Raises:
         ConfigError: malformed parameters.
@@ -113,13 +117,26 @@ class Guard:
             self.coef = np.asarray(params["coef"], dtype=np.float64)
             self.intercept = float(params["intercept"])
             self.threshold = float(params["threshold"])
+            self.kind = str(params.get("classifier", "logistic"))
             tpl = params.get("template")
             self.template = None if tpl is None else np.asarray(tpl, dtype=np.float64)
             n = len(self.names)
-            if not (self.mean.shape == self.scale.shape == self.coef.shape == (n,)):
-                raise ValueError("features, mean, scale and coef must have the same length")
-            if not np.all(np.isfinite(self.coef)) or not 0.0 < self.threshold < 1.0:
-                raise ValueError("non-finite coefficients or threshold outside (0, 1)")
+            if not (self.mean.shape == self.scale.shape == (n,)):
+                raise ValueError("features, mean and scale must have the same length")
+            if self.kind == "mlp":
+                self.hidden_w = np.asarray(params["hidden_weights"], dtype=np.float64)
+                self.hidden_b = np.asarray(params["hidden_bias"], dtype=np.float64)
+                if self.hidden_w.shape != (n, self.hidden_b.shape[0]) or self.coef.shape != self.hidden_b.shape:
+                    raise ValueError("hidden_weights, hidden_bias and coef shapes do not fit the features")
+                weights = [self.hidden_w, self.hidden_b, self.coef]
+            elif self.kind == "logistic":
+                if self.coef.shape != (n,):
+                    raise ValueError("features and coef must have the same length")
+                weights = [self.coef]
+            else:
+                raise ValueError(f"unknown classifier {self.kind!r}")
+            if not all(np.all(np.isfinite(w)) for w in weights) or not 0.0 < self.threshold < 1.0:
+                raise ValueError("non-finite weights or threshold outside (0, 1)")
         except (KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"invalid guard parameters ({e})") from e
         self.rules = {**DEFAULT_RULES, **{k: float(v) for k, v in (params.get("rules") or {}).items()}}
@@ -163,7 +180,10 @@ class Guard:
 
     def _score(self, feats: dict[str, float]) -> float:
         v = np.array([feats.get(n, 0.0) for n in self.names], dtype=np.float64)
-        z = float(((v - self.mean) / self.scale) @ self.coef + self.intercept)
+        x = (v - self.mean) / self.scale
+        if self.kind == "mlp":
+            x = np.maximum(x @ self.hidden_w + self.hidden_b, 0.0)
+        z = float(x @ self.coef + self.intercept)
         return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
 
     def check(self, image: np.ndarray, meta: dict[str, Any] | None = None, *, with_features: bool = False) -> GuardResult:
