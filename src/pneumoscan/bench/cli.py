@@ -22,12 +22,19 @@ def _csv(value: str) -> list[str]:
 
 
 def _threads(args: argparse.Namespace) -> None:
-    if args.threads:
+    if args.threads is not None:
         import torch
 
         if args.threads < 1:
             raise ConfigError("--threads must be >= 1")
         torch.set_num_threads(args.threads)
+
+
+def _positive(args: argparse.Namespace, *names: str) -> None:
+    for n in names:
+        v = getattr(args, n)
+        if v is not None and v < 1:
+            raise ConfigError(f"--{n.replace('_', '-')} must be >= 1 (got {v})")
 
 
 def _emit(report, args: argparse.Namespace) -> int:
@@ -41,6 +48,7 @@ def _emit(report, args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from .train import engine_auto_variant, run_train_benchmark
 
+    _positive(args, "images", "batch_size", "steps", "rounds")
     _threads(args)
     kw = dict(
         model=args.model, input_size=args.input_size, weights=args.weights, images=args.images, batch_size=args.batch_size,
@@ -61,6 +69,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from .predict import run_predict_benchmark
 
+    _positive(args, "images", "latency_runs", "rounds", "batch_size")
     _threads(args)
     kw = dict(
         images=args.images, latency_image=args.latency_image, latency_runs=args.latency_runs, backends=_csv(args.backends),
@@ -74,6 +83,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from .serve import run_serve_benchmark
 
+    _positive(args, "requests", "concurrency")
     _threads(args)
     kw = dict(requests=args.requests, concurrency=args.concurrency, backends=_csv(args.backends), int8=args.int8,
               guard=not args.no_guard)
@@ -85,6 +95,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from .quantize import quantize_checkpoint
 
+    _positive(args, "calib_images")
     _threads(args)
     res = quantize_checkpoint(
         args.checkpoint, args.out, calib=args.calib, val=args.val, calib_images=args.calib_images, val_limit=args.val_limit,
@@ -95,6 +106,11 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         f"(change {res['auc_change']:+.4f}, allowed ±{res['max_auc_drop']}) on {res['n_val']} images; "
         f"label agreement at the stored threshold {res['label_agreement']:.3f}, mean |Δp| {res['mean_abs_prob_diff']:.4f}, "
         f"max |Δp| {res['max_abs_prob_diff']:.3f}; {res['fp32_bytes'] / 1e6:.1f} MB -> {res['int8_bytes'] / 1e6:.1f} MB"
+    )
+    print(
+        f"bf16 autocast (torch-bf16 backend) on the same images: AUC {res['auc_bf16_torch']:.4f} "
+        f"(change {res['auc_bf16_torch'] - res['auc_fp32_torch']:+.4f}), label agreement {res['bf16_label_agreement']:.3f}, "
+        f"mean |Δp| {res['bf16_mean_abs_prob_diff']:.4f}, max |Δp| {res['bf16_max_abs_prob_diff']:.3f}"
     )
     if args.json:
         from ..utils.io import atomic_write_text

@@ -222,6 +222,7 @@ def run_predict_benchmark(
             extra: dict[str, Any] = {"key": k}
             if ref is not None and k in probs and len(probs[k]) == len(ref):
                 extra["max_abs_prob_diff_vs_fp32"] = float(np.max(np.abs(probs[k] - ref)))
+                extra["mean_abs_prob_diff_vs_fp32"] = float(np.mean(np.abs(probs[k] - ref)))
             results.append(VariantResult(
                 name=labels.get(k, k), baseline=k == "baseline", images_per_s=median(per_round[k]),
                 rounds=[round(x, 2) for x in per_round[k]], latency_ms=lat.get(k, {}), peak_rss_mb=rss.get(k, float("nan")),

@@ -180,11 +180,16 @@ def _append_affine(proto: Any, a: float, b: float) -> None:
 
 
 # --------------------------------------------------------------------------- accuracy gate
-def logits_torch(ckpt: dict[str, Any], x: np.ndarray, batch: int = 32) -> np.ndarray:
-    """fp32 eager PyTorch logits of preprocessed images (the reference)."""
+def logits_torch(ckpt: dict[str, Any], x: np.ndarray, batch: int = 32, bf16: bool = False) -> np.ndarray:
+    """PyTorch logits of preprocessed images: fp32 eager (the reference) or bf16 autocast
+    with channels_last (the ``torch-bf16`` fast path)."""
     from ..training.checkpoint import model_from_checkpoint
 
     model = model_from_checkpoint(ckpt)
+    if bf16:
+        from .accel import Bf16ChannelsLast
+
+        model = Bf16ChannelsLast(model)
     out = []
     with torch.inference_mode():
         for i in range(0, len(x), batch):
@@ -288,17 +293,20 @@ def quantize_checkpoint(
         int8_tmp = Path(tmp) / "int8.onnx"
         quantize_int8(fp32, int8_tmp, xc, method=method)
         lt = logits_torch(ckpt, xv)
+        lb = logits_torch(ckpt, xv, bf16=True)
         lo = logits_onnx(fp32, xv)
         lq = logits_onnx(int8_tmp, xv)
         T = float(ckpt.get("temperature", 1.0))
         thr = float(ckpt.get("threshold", 0.5))
-        pt, pq = sigmoid(lt / T), sigmoid(lq / T)
+        pt, pq, pb = sigmoid(lt / T), sigmoid(lq / T), sigmoid(lb / T)
         res = {
             "checkpoint": str(ckpt.get("_path")), "n_val": int(len(yv)), "n_calibration": int(len(xc)), "method": method,
             "auc_fp32_torch": _auc(yv, lt), "auc_fp32_onnx": _auc(yv, lo), "auc_int8": _auc(yv, lq),
             "max_abs_prob_diff": float(np.max(np.abs(pq - pt))), "mean_abs_prob_diff": float(np.mean(np.abs(pq - pt))),
             "label_agreement": float(np.mean((pq >= thr) == (pt >= thr))),
             "fp32_onnx_max_abs_logit_diff": float(np.max(np.abs(lo - lt))), "max_auc_drop": max_auc_drop,
+            "auc_bf16_torch": _auc(yv, lb), "bf16_mean_abs_prob_diff": float(np.mean(np.abs(pb - pt))),
+            "bf16_max_abs_prob_diff": float(np.max(np.abs(pb - pt))), "bf16_label_agreement": float(np.mean((pb >= thr) == (pt >= thr))),
             "int8_bytes": int_size(int8_tmp), "fp32_bytes": int_size(fp32),
         }
         res["auc_change"] = res["auc_int8"] - res["auc_fp32_torch"]

@@ -102,6 +102,8 @@ class Predictor:
         guard: the not-a-chest-X-ray guard used by default: ``None``/``False`` (off),
             ``True`` (the shipped guard) or a :class:`pneumoscan.guard.Guard`. Per-call
             ``guard=`` arguments override it.
+        channels_last: store the model in channels-last memory format (faster convolutions
+            with oneDNN; same results up to float rounding). ``None``: on CPUs.
     """
 
     def __init__(
@@ -117,9 +119,13 @@ class Predictor:
         batch_size: int = 16,
         tta: str | bool = "none",
         guard: Any = None,
+        channels_last: bool | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.model = model.eval().to(self.device) if model is not None else None
+        self.channels_last = (self.device.type == "cpu") if channels_last is None else bool(channels_last)
+        if self.model is not None and self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.preprocessing = preprocessing
         self.threshold = float(threshold)
         self.temperature = float(temperature)
@@ -176,8 +182,11 @@ class Predictor:
         """Raw logits of at most ``batch_size`` preprocessed images (backends override this)."""
         if self.model is None:
             raise ModelError("this predictor has no PyTorch model")
+        x = chunk.to(self.device)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
-            return self.model(chunk.to(self.device)).float().reshape(-1).cpu().numpy()
+            return self.model(x).float().reshape(-1).cpu().numpy()
 
     def logits(self, batch: torch.Tensor) -> np.ndarray:
         """Raw logits of a preprocessed batch (averaged over the TTA views, if any)."""

@@ -545,6 +545,11 @@ def finalize_run(out: Path, cfg: TrainConfig) -> dict[str, Any]:
     with validation metrics, in ``best.pt``."""
     best = load_checkpoint(out / "best.pt")
     best.pop("_path", None)
+    if (out / "split_val.csv").is_file():
+        # calibrate what is deployed: fp32 logits through the prediction path, not the
+        # (possibly bf16-autocast) logits seen during training
+        logits, labels = deployed_val_logits(best, out / "split_val.csv")
+        best.update({"val_logits": logits.tolist(), "val_labels": labels.tolist(), "val_logits_source": "predictor-fp32"})
     logits = np.asarray(best.get("val_logits", []), dtype=np.float64)
     labels = np.asarray(best.get("val_labels", []), dtype=np.int64)
     temperature = fit_temperature(logits, labels) if cfg.calibrate else 1.0
@@ -561,6 +566,28 @@ def finalize_run(out: Path, cfg: TrainConfig) -> dict[str, Any]:
     from ..evaluation.model_card import write_model_card  # noqa: PLC0415 - evaluation imports training lazily too
     write_model_card(out)
     return {"best_epoch": best["best_epoch"], "best_val_loss": best["best_loss"], "threshold": threshold, "temperature": temperature, "val_metrics": metrics}
+
+
+def deployed_val_logits(ckpt: dict[str, Any], manifest: Path, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Validation logits of a checkpoint through :class:`~pneumoscan.inference.Predictor`
+    (fp32, the same reader and preprocessing as ``predict``/``serve``), so the fitted
+    temperature and threshold hold for the deployed model.
+
+    Args:
+        ckpt: checkpoint dict.
+        manifest: the run's ``split_val.csv``.
+        batch_size: images per forward pass.
+    """
+    from ..data.io import read_image
+    from ..inference.predictor import Predictor
+
+    samples = read_manifest(manifest)
+    pred = Predictor.from_checkpoint(ckpt, batch_size=batch_size)
+    out = []
+    for i in range(0, len(samples), batch_size):
+        imgs = [read_image(s.path, max_side=pred.input_size) for s in samples[i : i + batch_size]]
+        out.append(pred.logits(pred.preprocess(imgs)))
+    return np.concatenate(out), np.asarray([s.label for s in samples], dtype=np.int64)
 
 
 def operating_point_metrics(probs: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, float]:
