@@ -22,7 +22,7 @@ TIMING = ("epoch_time", "data_time", "compute_time", "eval_time", "train_images_
 def _train_cmd(xray_dir: Path, out: Path) -> list[str]:
     return [
         sys.executable, "-m", "pneumoscan", "train", "--data", str(xray_dir), "--model", "seed_cnn",
-        "--epochs", str(EPOCHS), "--batch-size", "8", "--seed", "0", "--deterministic", "--no-progress",
+        "--epochs", str(EPOCHS), "--batch-size", "4", "--input-size", "256", "--seed", "0", "--deterministic", "--no-progress",
         "--out", str(out),
     ]
 
@@ -49,7 +49,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(xray_dir: Path,
             assert proc.poll() is None, f"training ended early: {proc.stderr.read() if proc.stderr else ''}"
             assert time.monotonic() < deadline, "epoch 1 did not finish in time"
             time.sleep(0.05)
-        time.sleep(1.0)  # well inside epoch 2 (an epoch takes several seconds here)
+        time.sleep(0.2)  # inside epoch 2 (256-px inputs in batches of 4: an epoch takes seconds)
         assert proc.poll() is None, "the run must still be training epoch 2 when it is killed"
         os.kill(proc.pid, signal.SIGKILL)
         assert proc.wait(timeout=60) == -signal.SIGKILL

@@ -305,6 +305,7 @@ def _cmd_guard_fit(args: argparse.Namespace) -> int:
 
 def _add_guard(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("guard", help="the not-a-chest-X-ray guard: check images, refit it")
+    p.set_defaults(func=lambda _args: (p.print_help(sys.stderr), 2)[1])
     gsub = p.add_subparsers(dest="guard_command", metavar="ACTION")
     c = gsub.add_parser("check", help="say whether images look like frontal chest X-rays")
     c.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or glob patterns")

@@ -98,7 +98,7 @@ class OnnxPredictor(Predictor):
             raise CheckpointError(f"{path}: malformed pneumoscan ONNX metadata ({e})") from e
         info: dict[str, Any] = {
             "model_name": meta.get("model_name"), "weight_name": meta.get("weight_name"),
-            "sha256": meta.get("source_sha256") or None, "threshold_method": meta.get("threshold_method") or None,
+            "file_sha256": meta.get("source_sha256") or None, "threshold_method": meta.get("threshold_method") or None,
             "onnx_file": str(path),
         }
         if meta.get("val_metrics"):

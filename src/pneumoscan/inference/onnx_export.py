@@ -70,7 +70,7 @@ def onnx_metadata(ckpt: dict[str, Any]) -> dict[str, str]:
         "pneumoscan.version": __version__,
         "model_name": str(ckpt["model_name"]),
         "weight_name": str(args["name"]),
-        "source_sha256": str(meta.get("sha256") or ""),
+        "source_sha256": str(meta.get("file_sha256") or ""),
         "preprocessing": json.dumps(args["preprocessing"].to_dict()),
         "threshold": repr(float(args["threshold"])),
         "temperature": repr(float(args["temperature"])),

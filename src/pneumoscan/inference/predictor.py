@@ -164,8 +164,8 @@ class Predictor:
 
     @property
     def weights_id(self) -> str:
-        """Short id of the weights: the first 12 hex digits of the checkpoint's sha256."""
-        return str(self.metadata.get("sha256") or "")[:12]
+        """Short id of the weights: the first 12 hex digits of the checkpoint file's sha256."""
+        return str(self.metadata.get("sha256") or self.metadata.get("file_sha256") or "")[:12]
 
     @property
     def logit_threshold(self) -> float:
@@ -416,14 +416,18 @@ class Predictor:
 # ----------------------------------------------------------------------------- helpers
 def checkpoint_args(ckpt: dict[str, Any]) -> dict[str, Any]:
     """Predictor arguments stored in a checkpoint: preprocessing, threshold, temperature,
-    weight name and metadata (including the checkpoint's sha256)."""
+    weight name and metadata. The metadata keeps the checkpoint's own keys (``sha256`` is set
+    only for the shipped default model, from its manifest) and adds ``file_sha256``, the hash
+    of the checkpoint file."""
     from ..utils.io import sha256_file
 
     path = ckpt.get("_path")
     name = ckpt.get("weight_name") or f"{ckpt['model_name']}-res{ckpt['preprocessing']['input_size']}-{Path(path or 'checkpoint').parent.name}"
     meta = {k: v for k, v in ckpt.items() if k not in ("state_dict", "optimizer", "scheduler", "torch_rng", "val_logits", "val_labels")}
-    if not meta.get("sha256") and path and Path(path).is_file():
-        meta["sha256"] = sha256_file(path)
+    if meta.get("sha256"):
+        meta["file_sha256"] = meta["sha256"]
+    elif path and Path(path).is_file():
+        meta["file_sha256"] = sha256_file(path)
     return {
         "preprocessing": Preprocessing.from_dict(ckpt["preprocessing"]),
         "threshold": float(ckpt.get("threshold", 0.5) if ckpt.get("threshold") is not None else 0.5),

@@ -629,10 +629,12 @@ def _model_card(meta: dict[str, Any]) -> str | None:
             from ..inference.default_model import default_manifest, default_model_dir
 
             d = default_model_dir()
-            card = default_manifest().get("model_card")
+            manifest = default_manifest()
+            card = manifest.get("model_card") if manifest.get("sha256") == meta["sha256"] else None
             if isinstance(card, str) and (d / card).is_file():
                 return (d / card).read_text(encoding="utf-8", errors="replace")[:MODEL_CARD_MAX_CHARS]
-            folders.append(d)
+            if card is not None:
+                folders.append(d)
     for folder in folders:
         for name in MODEL_CARD_NAMES:
             f = folder / name
