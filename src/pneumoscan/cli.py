@@ -34,8 +34,11 @@ def setup_logging(verbosity: int = 0) -> None:
         level = max(level, logging.WARNING)
     root = logging.getLogger("pneumoscan")
     root.setLevel(level)
+    for old in [h for h in root.handlers if getattr(h, "_pneumoscan", False)]:
+        old.setLevel(level)
     if not any(getattr(h, "_pneumoscan", False) for h in root.handlers):
         h = logging.StreamHandler(sys.stderr)
+        h.setLevel(level)  # the stderr verbosity lives on the handler: train.log still gets INFO
         h.setFormatter(logging.Formatter("%(message)s" if verbosity <= 0 else "%(asctime)s %(levelname)s %(name)s: %(message)s"))
         h._pneumoscan = True  # type: ignore[attr-defined]
         root.addHandler(h)

@@ -172,6 +172,7 @@ def train_one_epoch(
     info: DistInfo = DistInfo(),
     progress: Any = None,
     max_steps: int | None = None,
+    log_every: int = 0,
 ) -> EpochStats:
     """One pass over ``loader``; returns the loss and accuracy over all ranks and the time
     spent waiting for data (decoding, augmentation, collation) vs computing (copy to the
@@ -213,6 +214,9 @@ def train_one_epoch(
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{tot_loss / max(tot_n, 1):.4f}", refresh=False)
+        if log_every and (step + 1) % log_every == 0 and info.is_main:
+            log.info("  step %d: loss %.4f, acc %.3f, %.1f img/s", step + 1, tot_loss / max(tot_n, 1),
+                     tot_correct / max(tot_n, 1), tot_n / max(time.perf_counter() - start, 1e-9))
         if max_steps is not None and step + 1 >= max_steps:
             break
     wall = time.perf_counter() - start
@@ -470,7 +474,7 @@ def _fit(cfg: TrainConfig, out: Path, resume: bool, device: torch.device, info: 
                 st = train_one_epoch(
                     ddp_model, train_loader, optimizer, device, loss_weights=loss_w, amp_dtype=amp_dtype, scaler=scaler,
                     channels_last=channels_last, grad_clip=cfg.optim.grad_clip, label_smoothing=cfg.label_smoothing,
-                    info=info, progress=bar,
+                    info=info, progress=bar, log_every=cfg.log_every,
                 )
             finally:
                 if bar is not None:
@@ -536,7 +540,9 @@ def _fit(cfg: TrainConfig, out: Path, resume: bool, device: torch.device, info: 
         return summary
     finally:
         if file_handler is not None:
-            logging.getLogger("pneumoscan").removeHandler(file_handler)
+            lg = logging.getLogger("pneumoscan")
+            lg.removeHandler(file_handler)
+            lg.setLevel(file_handler._saved_level)  # type: ignore[attr-defined]
             file_handler.close()
 
 
@@ -716,9 +722,16 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
 
 
 def _attach_file_log(path: Path) -> logging.Handler:
+    """Log INFO and above of the run to ``path``, whatever the stderr verbosity (the logger's
+    level is lowered to INFO while the run lasts and restored afterwards)."""
     h = logging.FileHandler(path, encoding="utf-8")
+    h.setLevel(logging.INFO)
     h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger("pneumoscan").addHandler(h)
+    lg = logging.getLogger("pneumoscan")
+    h._saved_level = lg.level  # type: ignore[attr-defined]
+    if lg.getEffectiveLevel() > logging.INFO:
+        lg.setLevel(logging.INFO)
+    lg.addHandler(h)
     return h
 
 
