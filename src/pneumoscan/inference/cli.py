@@ -152,6 +152,8 @@ def _build_predictor(args: argparse.Namespace) -> Predictor:
     if args.onnx and args.checkpoint:
         raise ConfigError("give --onnx FILE or --checkpoint CKPT, not both (an exported file carries its own calibration)")
     backend = "onnx" if args.onnx else args.backend
+    if backend == "auto" and args.heatmap:
+        backend = "torch"  # Grad-CAM needs the PyTorch model's gradients
     return load_predictor(args.checkpoint, backend=backend, onnx=args.onnx, **kwargs)
 
 
@@ -178,7 +180,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     log.info(
         "model %s%s, threshold %.3f, backend %s%s%s", predictor.name,
         f" (weights {predictor.weights_id})" if predictor.weights_id else "", predictor.threshold,
-        "onnx" if predictor.model is None or args.onnx or args.backend == "onnx" else "torch",
+        "onnx" if predictor.model is None else "torch",
         f", TTA {predictor.tta}" if predictor.tta != "none" else "", "" if predictor.guard is not None else ", guard off",
     )
     stream = sys.stdout
@@ -226,15 +228,17 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                    help="table (default), json (one object per line) or csv")
     p.add_argument("--heatmap", metavar="DIR", help="save Grad-CAM overlays (PNG, original resolution) into DIR")
     p.add_argument("--layer", help="Grad-CAM target layer (default: the model's; see 'pneumoscan models --json')")
-    p.add_argument("--backend", choices=["torch", "onnx"], default="torch",
-                   help="torch (default) or onnx (onnxruntime; the checkpoint is exported to the cache on first use)")
+    p.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto",
+                   help="auto (default: onnxruntime when installed — same probabilities as PyTorch within 1e-5, "
+                        "several times faster on CPUs — else PyTorch; PyTorch with --heatmap), torch, or onnx "
+                        "(the checkpoint is exported to the cache on first use)")
     p.add_argument("--onnx", metavar="FILE", help="an ONNX file from 'pneumoscan export' (implies --backend onnx)")
     p.add_argument("--tta", action="store_const", const="flip", help="test-time augmentation: average the image and its horizontal flip")
     p.add_argument("--tta-crops", dest="tta", action="store_const", const="crops",
                    help="test-time augmentation with crops: image, flip, 90%% centre crop and its flip")
     p.add_argument("--samples", action="store_true", help="predict the sample X-rays bundled with pneumoscan")
     p.add_argument("--no-guard", action="store_true", help="answer even for inputs that do not look like chest X-rays")
-    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8: fastest on CPUs, see docs/benchmarks.md)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_predict)
 

@@ -481,8 +481,9 @@ def load_predictor(
 
     Args:
         checkpoint: checkpoint file or run directory; ``None`` for the default model.
-        backend: ``"torch"`` or ``"onnx"`` (onnxruntime; the model is exported to the cache
-            on first use unless ``onnx`` names an exported file).
+        backend: ``"torch"``, ``"onnx"`` (onnxruntime; the model is exported to the cache
+            on first use unless ``onnx`` names an exported file) or ``"auto"`` (onnx when
+            onnxruntime is installed and the export works, else torch).
         onnx: an ONNX file written by ``pneumoscan export`` (implies ``backend="onnx"``).
         **kwargs: constructor options (``batch_size``, ``tta``, ``guard``, ``device``).
 
@@ -492,6 +493,20 @@ def load_predictor(
     """
     from ..errors import ConfigError
 
+    if backend == "auto" and onnx is None:
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            backend = "torch"
+        else:
+            ckpt = _load_ckpt(checkpoint)
+            try:
+                from .onnx_backend import OnnxPredictor
+
+                return OnnxPredictor.from_checkpoint(ckpt, **kwargs)
+            except Exception as e:  # noqa: BLE001 - any export/runtime failure: the PyTorch path always works
+                log.warning("ONNX backend unavailable (%s); using PyTorch", str(e).splitlines()[0] if str(e) else e.__class__.__name__)
+                return Predictor.from_checkpoint(ckpt, **kwargs)
     if onnx is not None or backend == "onnx":
         from .onnx_backend import OnnxPredictor
 
