@@ -78,6 +78,19 @@ def _load_into(module: nn.Module, sd: dict[str, torch.Tensor], strict: bool = Tr
         log.debug("weights loaded with missing=%s unexpected=%s", missing, unexpected)
 
 
+def _load_torchvision_weights(net: nn.Module, arch: str, weights: str | None) -> dict[str, torch.Tensor] | None:
+    """Load ``"imagenet"`` or a torchvision state-dict file into ``net``; a pneumoscan state
+    dict of the whole classifier is returned instead, to be loaded once the head exists."""
+    if weights == "imagenet":
+        _load_into(net, imagenet_state_dict(arch))
+    elif weights:
+        sd = load_state_dict_file(weights)
+        if any(k.startswith(("backbone.", "head.", "adapter.")) for k in sd):
+            return sd
+        _load_into(net, sd)
+    return None
+
+
 def _tv_classifier(
     arch: str,
     weights: str | None,
@@ -91,15 +104,7 @@ def _tv_classifier(
     import torchvision
 
     net = torchvision.models.get_model(arch, weights=None)
-    own_sd = None
-    if weights == "imagenet":
-        _load_into(net, imagenet_state_dict(arch))
-    elif weights:
-        sd = load_state_dict_file(weights)
-        if any(k.startswith(("backbone.", "head.", "adapter.")) for k in sd):
-            own_sd = sd  # a pneumoscan checkpoint of this model
-        else:
-            _load_into(net, sd)
+    own_sd = _load_torchvision_weights(net, arch, weights)
     width = strip(net)
     head = nn.Sequential(nn.Dropout(dropout), nn.Linear(width, 1))
     model = XrayClassifier(InputAdapter(mean, std), net, head)
@@ -196,15 +201,7 @@ def vgg16(
     if input_size % 32:
         raise ModelError(f"vgg16 needs an input size that is a multiple of 32 (got {input_size})")
     net = torchvision.models.vgg16(weights=None)
-    own_sd = None
-    if weights == "imagenet":
-        _load_into(net, imagenet_state_dict("vgg16"))
-    elif weights:
-        sd = load_state_dict_file(weights)
-        if any(k.startswith(("backbone.", "head.", "adapter.")) for k in sd):
-            own_sd = sd
-        else:
-            _load_into(net, sd)
+    own_sd = _load_torchvision_weights(net, "vgg16", weights)
     side = input_size // 32
     p = 0.5 if dropout is None else dropout
     head = nn.Sequential(
