@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..errors import DataError, ImageReadError
+from ..errors import DataError
 from ..utils.io import atomic_write_text
 from .io import IMAGE_SUFFIXES, read_image, to_uint8
 from .patients import parse_patient_id
@@ -182,17 +182,14 @@ class XrayDataset(Dataset):
             h, w = arr.shape
             scale = self.max_side / max(h, w)
             size = (max(1, round(w * scale)), max(1, round(h * scale)))
-            arr = np.asarray(Image.fromarray(arr).resize(size, Image.BILINEAR))
+            arr = np.array(Image.fromarray(arr).resize(size, Image.BILINEAR))  # a writable copy
         if self.cache:
             self._cache[index] = arr
         return arr
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        try:
-            arr = self.load_uint8(index)
-        except ImageReadError:
-            raise
-        x = torch.from_numpy(arr).unsqueeze(0)
+        arr = self.load_uint8(index)
+        x = torch.from_numpy(arr).unsqueeze(0)  # shares the cache's memory: transforms never write in place
         if self.transform is not None:
             x = self.transform(x)
         return x, self.samples[index].label
