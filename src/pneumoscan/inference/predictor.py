@@ -116,7 +116,7 @@ class Predictor:
         name: str = "model",
         metadata: dict[str, Any] | None = None,
         device: str | torch.device = "cpu",
-        batch_size: int = 16,
+        batch_size: int = 8,
         tta: str | bool = "none",
         guard: Any = None,
         channels_last: bool | None = None,
