@@ -89,17 +89,26 @@ def plot_roc(
     for i, (name, y, s) in enumerate(curves):
         fpr, tpr, _ = roc_curve(y, s)
         ax.plot(fpr, tpr, color=f"C{i}", lw=1.8, label=f"{name} (AUC {roc_auc_score(y, s):.3f})")
-    for k, (label, fpr, tpr) in enumerate(operating_points):
-        ax.plot([fpr], [tpr], marker="o" if k == 0 else "s", ms=8, mfc="none" if k else None, mew=2,
-                color="crimson" if k == 0 else "black", ls="none", label=label)
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1)
-    ax.set_xlabel("1 - specificity (false-positive rate)")
-    ax.set_ylabel("sensitivity (true-positive rate)")
+    _finish_curve_plot(fig, ax, path, operating_points, "1 - specificity (false-positive rate)",
+                       "sensitivity (true-positive rate)", 1.01, title, "lower right")
+
+
+def _finish_curve_plot(
+    fig: Any, ax: Any, path: str | Path, operating_points: Sequence[tuple[str, float, float]],
+    xlabel: str, ylabel: str, ymax: float, title: str, legend_loc: str,
+) -> None:
+    """Mark the operating points (the first filled), label, frame and save a ROC/PR plot."""
+    for k, (label, x, y) in enumerate(operating_points):
+        ax.plot([x], [y], marker="o" if k == 0 else "s", ms=8, mfc="none" if k else None, mew=2,
+                color="crimson" if k == 0 else "black", ls="none", label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_xlim(-0.01, 1.01)
-    ax.set_ylim(-0.01, 1.01)
+    ax.set_ylim(-0.01, ymax)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc=legend_loc, fontsize=8)
     fig.tight_layout()
     _save(fig, path)
 
@@ -129,18 +138,7 @@ def plot_precision_recall(
         prevalence = float(np.mean(y))
     if prevalence is not None:
         ax.axhline(prevalence, ls="--", color="grey", lw=1, label=f"prevalence {prevalence:.2f}")
-    for k, (label, rec, prec) in enumerate(operating_points):
-        ax.plot([rec], [prec], marker="o" if k == 0 else "s", ms=8, mfc="none" if k else None, mew=2,
-                color="crimson" if k == 0 else "black", ls="none", label=label)
-    ax.set_xlabel("recall (sensitivity)")
-    ax.set_ylabel("precision (PPV)")
-    ax.set_xlim(-0.01, 1.01)
-    ax.set_ylim(-0.01, 1.03)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower left", fontsize=8)
-    fig.tight_layout()
-    _save(fig, path)
+    _finish_curve_plot(fig, ax, path, operating_points, "recall (sensitivity)", "precision (PPV)", 1.03, title, "lower left")
 
 
 def plot_reliability(
