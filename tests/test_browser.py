@@ -19,6 +19,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from xray_files import xray_dicom
 
 from pneumoscan.inference import load_predictor
 
@@ -174,29 +175,6 @@ def test_upload_shows_probability_and_overlay(watch: PageWatch, model_info: dict
     assert [e for e in watch.errors if "status of 401" not in e] == []  # the 401 before the key was given
 
 
-def xray_dicom(path: Path) -> bytes:
-    """A real chest X-ray (fixture JPEG) as a 12-bit MONOCHROME1 DX DICOM, in memory."""
-    from pydicom import dcmwrite
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    with Image.open(path) as im:
-        stored = 4095 - np.asarray(im.convert("L"), dtype=np.uint16) * 16
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[path.name])
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.BodyPartExamined = "DX", "CHEST"
-    ds.Rows, ds.Columns = stored.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME1"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = np.ascontiguousarray(stored.astype("<u2")).tobytes()
-    buf = io.BytesIO()
-    dcmwrite(buf, ds, enforce_file_format=True)
-    return buf.getvalue()
 
 
 def test_dicom_preview_and_error_message(watch: PageWatch, xray_dir: Path, tmp_path: Path) -> None:

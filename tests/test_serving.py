@@ -27,6 +27,7 @@ import pytest
 import uvicorn
 from fastapi.testclient import TestClient
 from PIL import Image
+from xray_files import xray_dicom
 
 from pneumoscan.data.io import MAX_PIXELS
 from pneumoscan.inference import Predictor, load_predictor
@@ -96,31 +97,6 @@ def _assert_error(r: httpx.Response, status: int, code: str | None = None) -> di
     return body
 
 
-def xray_dicom(path: Path, monochrome1: bool = True) -> bytes:
-    """A real chest X-ray (a fixture JPEG) as a DX DICOM file, in memory: 16-bit, by default
-    MONOCHROME1 (inverted storage the reader must undo)."""
-    from pydicom import dcmwrite
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    with Image.open(path) as im:
-        grey = np.asarray(im.convert("L"), dtype=np.uint16) * 16  # 12-bit range
-    stored = (4095 - grey) if monochrome1 else grey
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # digital X-ray
-    meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[path.name])
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.BodyPartExamined = "DX", "CHEST"
-    ds.Rows, ds.Columns = stored.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME1" if monochrome1 else "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = np.ascontiguousarray(stored.astype("<u2")).tobytes()
-    buf = io.BytesIO()
-    dcmwrite(buf, ds, enforce_file_format=True)
-    return buf.getvalue()
 
 
 def _decode_png_b64(b64: str) -> Image.Image:
