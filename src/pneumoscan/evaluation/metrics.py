@@ -150,8 +150,7 @@ def confusion_counts(labels: Sequence[int], probs: Sequence[float], threshold: f
         probs: predicted probabilities of PNEUMONIA.
         threshold: predict PNEUMONIA when ``prob >= threshold``.
     """
-    y, p = _as_arrays(labels, probs)
-    m = _threshold_metrics(np.ones((1, y.size)), _prepare(y, p), threshold)
+    m = _metrics_at(labels, probs, threshold)
     return {k: int(round(float(m[k][0]))) for k in ("tn", "fp", "fn", "tp")}
 
 
@@ -164,9 +163,14 @@ def threshold_metrics(labels: Sequence[int], probs: Sequence[float], threshold: 
         probs: predicted probabilities of PNEUMONIA.
         threshold: predict PNEUMONIA when ``prob >= threshold``.
     """
-    y, p = _as_arrays(labels, probs)
-    m = _threshold_metrics(np.ones((1, y.size)), _prepare(y, p), threshold)
+    m = _metrics_at(labels, probs, threshold)
     return {k: float(m[k][0]) for k in THRESHOLD_METRICS}
+
+
+def _metrics_at(labels: Sequence[int], probs: Sequence[float], threshold: float) -> dict[str, np.ndarray]:
+    """The vectorised threshold metrics of the full sample (a single unit-weight replicate)."""
+    y, p = _as_arrays(labels, probs)
+    return _threshold_metrics(np.ones((1, y.size)), _prepare(y, p), threshold)
 
 
 def roc_auc(labels: Sequence[int], scores: Sequence[float]) -> float:
