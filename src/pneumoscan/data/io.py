@@ -45,6 +45,8 @@ BIG_PIXELS = 16_000_000
 PIL_FORMATS = {"JPEG", "PNG", "BMP", "TIFF", "GIF", "WEBP", "MPO"}
 # Pillow plugins allowed to parse input (MPO files are recognised by the JPEG plugin).
 _OPEN_FORMATS = sorted(PIL_FORMATS - {"MPO"})
+#: Signatures of the formats pneumoscan reads: such bytes that fail to parse are corrupt images.
+_DECODABLE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".dcm", ".dicom", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
 
 # Pillow's own bomb check raises at 2x this; keep it consistent with ours.
@@ -257,6 +259,9 @@ def _read_pil(data: bytes, name: str, max_side: int | None) -> tuple[np.ndarray,
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageTooLargeError(name, "image too large (decompression-bomb limit)") from e
     except Image.UnidentifiedImageError as e:
+        if data.startswith(_DECODABLE_MAGIC):
+            # a JPEG/PNG signature with a header Pillow cannot parse: a corrupt image, not another format
+            raise ImageReadError(name, "cannot decode image (corrupt header)") from e
         raise UnsupportedFormatError(name, "not a recognised image (JPEG, PNG or DICOM expected)") from e
     except (OSError, SyntaxError, ValueError, EOFError, TypeError, IndexError, KeyError, struct.error) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
