@@ -3,23 +3,49 @@
 The Python API behind the ``pneumoscan`` command::
 
     from pneumoscan import TrainConfig, fit, create_model, read_image, load_checkpoint
+
+The names are imported on first use (PEP 562), so ``import pneumoscan`` stays cheap and
+prediction with the ONNX backend never imports PyTorch.
 """
 from __future__ import annotations
 
+import importlib
 import logging
+from typing import TYPE_CHECKING, Any
 
-from .config import TrainConfig, load_preset
-from .data import XrayDataset, grouped_stratified_split, load_samples, read_image
 from .errors import PneumoscanError
-from .models import count_parameters, create_model, list_models
-from .training import fit, load_checkpoint, model_from_checkpoint
 
 __version__ = "0.1.0"
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
-__all__ = [
-    "PneumoscanError", "TrainConfig", "XrayDataset", "__version__", "count_parameters", "create_model", "fit",
-    "grouped_stratified_split", "list_models", "load_checkpoint", "load_preset", "load_samples",
-    "model_from_checkpoint", "read_image",
-]
+#: Public name → the module that defines it.
+_LAZY = {
+    "TrainConfig": ".config", "load_preset": ".config",
+    "XrayDataset": ".data.datasets", "load_samples": ".data.datasets",
+    "grouped_stratified_split": ".data.splits", "read_image": ".data.io",
+    "count_parameters": ".models", "create_model": ".models", "list_models": ".models",
+    "fit": ".training", "load_checkpoint": ".training", "model_from_checkpoint": ".training",
+}
+
+__all__ = ["PneumoscanError", "__version__", *sorted(_LAZY)]
+
+if TYPE_CHECKING:
+    from .config import TrainConfig, load_preset
+    from .data.datasets import XrayDataset, load_samples
+    from .data.io import read_image
+    from .data.splits import grouped_stratified_split
+    from .models import count_parameters, create_model, list_models
+    from .training import fit, load_checkpoint, model_from_checkpoint
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'pneumoscan' has no attribute '{name}'")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -69,8 +69,8 @@ class Bf16Predictor(Predictor):
             raise ModelError("Bf16Predictor needs a PyTorch model")
         self.model = self.model.to(memory_format=torch.channels_last)
 
-    def _forward(self, chunk: torch.Tensor) -> np.ndarray:
-        x = chunk.to(self.device).contiguous(memory_format=torch.channels_last)
+    def _forward(self, chunk: np.ndarray) -> np.ndarray:
+        x = self._as_tensor(chunk).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), torch.autocast(device_type=self.device.type, dtype=torch.bfloat16):
             out = self.model(x)
         return out.float().reshape(-1).cpu().numpy()

@@ -1,14 +1,38 @@
-"""Data: image and DICOM reading, datasets, patient-grouped splits, transforms."""
+"""Data: image and DICOM reading, datasets, patient-grouped splits, transforms.
+
+Names are imported on first use (PEP 562): the reader and the preprocessing need no PyTorch,
+the datasets and training transforms do.
+"""
 from __future__ import annotations
 
-from .datasets import Sample, XrayDataset, load_samples, read_manifest, scan_folder, write_manifest
-from .io import read_image, read_image_with_meta
-from .patients import parse_patient_id
-from .splits import grouped_stratified_split
-from .transforms import Preprocessing
+import importlib
+from typing import TYPE_CHECKING, Any
 
-__all__ = [
-    "Sample", "XrayDataset", "load_samples", "read_manifest", "scan_folder", "write_manifest",
-    "read_image", "read_image_with_meta", "parse_patient_id", "grouped_stratified_split",
-    "Preprocessing",
-]
+_LAZY = {
+    "Sample": ".datasets", "XrayDataset": ".datasets", "load_samples": ".datasets", "read_manifest": ".datasets",
+    "scan_folder": ".datasets", "write_manifest": ".datasets",
+    "read_image": ".io", "read_image_with_meta": ".io",
+    "parse_patient_id": ".patients", "grouped_stratified_split": ".splits",
+    "Preprocessing": ".preprocessing",
+}
+
+__all__ = sorted(_LAZY)
+
+if TYPE_CHECKING:
+    from .datasets import Sample, XrayDataset, load_samples, read_manifest, scan_folder, write_manifest
+    from .io import read_image, read_image_with_meta
+    from .patients import parse_patient_id
+    from .preprocessing import Preprocessing
+    from .splits import grouped_stratified_split
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'pneumoscan.data' has no attribute '{name}'")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

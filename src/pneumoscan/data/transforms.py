@@ -1,13 +1,14 @@
-"""Preprocessing shared by training, evaluation, prediction, the service and ONNX export,
-and the study's augmentation, all on uint8 tensors.
+"""Training and evaluation transforms on PyTorch tensors, and the study's augmentation, all
+on uint8 tensors.
 
 Every model takes ``(B, 1, H, W)`` float greyscale in ``[0, 1]``; normalisation (and the
 greyscale→RGB expansion of ImageNet backbones) happens inside the model, so the
 preprocessing outside it is only: decode → greyscale → resize to a square → scale to [0, 1].
+Prediction does the same in NumPy/Pillow (:mod:`pneumoscan.data.preprocessing`, which also
+holds :class:`Preprocessing`); both resizes are the same antialiased bilinear filter.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -16,43 +17,7 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 from ..config import AugmentConfig
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """How raw pixels become model input; stored with every checkpoint and ONNX file.
-
-    Attributes:
-        input_size: square side in pixels (images are stretched to a square, as the
-            training data were).
-        in_channels: channels of the network proper (1 or 3); inputs are always greyscale.
-        mean, std: per-channel normalisation applied inside the model.
-        resize: resize rule; ``"stretch"`` to ``input_size``².
-        interpolation: ``"bilinear"`` with antialiasing.
-    """
-
-    input_size: int = 224
-    in_channels: int = 3
-    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
-    std: tuple[float, ...] = (0.229, 0.224, 0.225)
-    resize: str = "stretch"
-    interpolation: str = "bilinear"
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["mean"], d["std"] = list(self.mean), list(self.std)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Preprocessing":
-        d = dict(d)
-        d["mean"], d["std"] = tuple(d.get("mean", cls.mean)), tuple(d.get("std", cls.std))
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
-
-    def __call__(self, image: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """One greyscale image (2-D float [0,1] array, or uint8 ``(1,H,W)`` tensor) to a
-        ``(1, S, S)`` float tensor."""
-        return preprocess_batch([image], self.input_size)[0]
+from .preprocessing import Preprocessing, preprocess_arrays  # noqa: F401  (re-exported)
 
 
 def preprocess_batch(images: list[np.ndarray | torch.Tensor], size: int) -> torch.Tensor:

@@ -5,7 +5,6 @@ import math
 from typing import Sequence
 
 import numpy as np
-import torch
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
@@ -23,6 +22,8 @@ def fit_temperature(logits: Sequence[float], labels: Sequence[int], max_iter: in
         labels: 0/1 labels.
         max_iter: LBFGS iterations.
     """
+    import torch
+
     z = torch.as_tensor(np.asarray(logits, dtype=np.float64))
     y = torch.as_tensor(np.asarray(labels, dtype=np.float64))
     if z.numel() < 2 or y.min() == y.max():
@@ -30,7 +31,7 @@ def fit_temperature(logits: Sequence[float], labels: Sequence[int], max_iter: in
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=max_iter, line_search_fn="strong_wolfe")
 
-    def closure() -> torch.Tensor:
+    def closure() -> "torch.Tensor":
         opt.zero_grad()
         loss = torch.nn.functional.binary_cross_entropy_with_logits(z / log_t.exp(), y)
         loss.backward()

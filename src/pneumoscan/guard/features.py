@@ -37,12 +37,13 @@ def _resize(img: np.ndarray, side: int) -> np.ndarray:
 
 
 def _corr(a: np.ndarray, b: np.ndarray) -> float:
-    a = a.ravel().astype(np.float64)
-    b = b.ravel().astype(np.float64)
-    a = a - a.mean()
-    b = b - b.mean()
-    den = math.sqrt(float((a * a).sum()) * float((b * b).sum()))
-    return float((a * b).sum() / den) if den > 1e-12 else 0.0
+    """Pearson correlation of two equally shaped arrays (in float64)."""
+    a = np.array(a, dtype=np.float64).ravel()  # always a copy: centred in place below
+    b = np.array(b, dtype=np.float64).ravel()
+    a -= a.mean()
+    b -= b.mean()
+    den = math.sqrt(float(np.einsum("i,i->", a, a)) * float(np.einsum("i,i->", b, b)))
+    return float(np.einsum("i,i->", a, b)) / den if den > 1e-12 else 0.0
 
 
 def _zscore(x: np.ndarray) -> np.ndarray:
@@ -96,10 +97,11 @@ def image_features(img: np.ndarray, meta: dict[str, Any] | None = None, template
     f["std"] = float(x.std())
     for q, v in zip((1, 5, 25, 50, 75, 95, 99), np.percentile(x, (1, 5, 25, 50, 75, 95, 99))):
         f[f"p{q}"] = float(v)
-    hist = np.histogram(x, bins=16, range=(0.0, 1.0))[0].astype(np.float64) / x.size
+    h64 = np.histogram(x, bins=64, range=(0.0, 1.0))[0].astype(np.float64) / x.size
+    # the 16 bins are sums of 4 of the 64 (their edges k/16 = 4k/64 are exact binary fractions)
+    hist = h64.reshape(16, 4).sum(axis=1)
     for i, v in enumerate(hist):
         f[f"hist{i:02d}"] = float(v)
-    h64 = np.histogram(x, bins=64, range=(0.0, 1.0))[0].astype(np.float64) / x.size
     nz = h64[h64 > 0]
     f["entropy"] = float(-(nz * np.log2(nz)).sum() / 6.0)
     f["dark_frac"] = float((x < 0.05).mean())
@@ -117,8 +119,9 @@ def image_features(img: np.ndarray, meta: dict[str, Any] | None = None, template
     f["mode_share"] = float(top[0])
     f["top3_share"] = float(top[:3].sum())
     if ch > 2 and cw > 2:
-        f["nbr_corr_x"] = _corr(crop[:, :-1], crop[:, 1:])
-        f["nbr_corr_y"] = _corr(crop[:-1, :], crop[1:, :])
+        c64 = crop.astype(np.float64)
+        f["nbr_corr_x"] = _corr(c64[:, :-1], c64[:, 1:])
+        f["nbr_corr_y"] = _corr(c64[:-1, :], c64[1:, :])
         lap = crop[1:-1, 1:-1] * 4 - crop[:-2, 1:-1] - crop[2:, 1:-1] - crop[1:-1, :-2] - crop[1:-1, 2:]
         f["laplace"] = float(np.abs(lap).mean() / (float(crop.std()) + 1e-3))
     else:

@@ -180,7 +180,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     log.info(
         "model %s%s, threshold %.3f, backend %s%s%s", predictor.name,
         f" (weights {predictor.weights_id})" if predictor.weights_id else "", predictor.threshold,
-        "onnx" if predictor.model is None else "torch",
+        predictor.backend,
         f", TTA {predictor.tta}" if predictor.tta != "none" else "", "" if predictor.guard is not None else ", guard off",
     )
     stream = sys.stdout

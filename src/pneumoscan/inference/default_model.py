@@ -7,8 +7,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..errors import CheckpointError
 from ..utils.io import sha256_file
 
@@ -59,6 +57,8 @@ def export_default(ckpt: dict[str, Any], dest_dir: str | Path, name: str, extra:
     from ..utils.io import atomic_write_text
 
     keep = {k: v for k, v in ckpt.items() if k not in ("optimizer", "scheduler", "torch_rng", "_path")}
+    import torch
+
     keep["state_dict"] = {k: (v.half() if torch.is_floating_point(v) else v) for k, v in ckpt["state_dict"].items()}
     keep["weight_name"] = name
     dest = Path(dest_dir)

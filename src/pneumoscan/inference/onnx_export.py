@@ -32,10 +32,13 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import CheckpointError, ConfigError, ModelError
 from ..utils.io import atomic_path, sha256_file
+
+if TYPE_CHECKING:  # PyTorch is imported by the functions that export
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +88,8 @@ def onnx_metadata(ckpt: dict[str, Any]) -> dict[str, str]:
 
 
 def _export_graph(model: torch.nn.Module, size: int, path: Path, opset: int, dynamo: bool) -> None:
+    import torch
+
     x = torch.rand(2, 1, size, size)
     common = {"input_names": [INPUT_NAME], "output_names": [OUTPUT_NAME], "opset_version": opset}
     # the exporters print progress and warn about their internals; keep the CLI's output clean
@@ -187,6 +192,7 @@ def _verify(path: Path, model: torch.nn.Module, size: int) -> None:
         log.info("onnxruntime not installed: skipped the numerical check of the export")
         return
     import numpy as np
+    import torch
 
     x = torch.rand(3, 1, size, size, generator=torch.Generator().manual_seed(0))
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -203,23 +209,12 @@ def read_onnx_metadata(path: str | Path) -> dict[str, str]:
     """The ``metadata_props`` of an exported file, read with onnxruntime (no onnx needed).
 
     Raises:
+        ConfigError: onnxruntime is not installed.
         CheckpointError: missing file, not an ONNX model, or not exported by pneumoscan.
     """
-    try:
-        import onnxruntime as ort
-    except ImportError as e:
-        raise ConfigError("the ONNX backend needs onnxruntime (pip install 'pneumoscan[onnx]')") from e
-    p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"ONNX file not found: {p}")
-    try:
-        sess = ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
-    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
-        raise CheckpointError(f"{p}: not a loadable ONNX model ({str(e).splitlines()[0][:160] if str(e) else e.__class__.__name__})") from e
-    meta = dict(sess.get_modelmeta().custom_metadata_map)
-    if meta.get("pneumoscan.format") != ONNX_FORMAT:
-        raise CheckpointError(f"{p}: not exported by pneumoscan (no {ONNX_FORMAT} metadata); use 'pneumoscan export'")
-    return meta
+    from .onnx_backend import open_session, session_metadata
+
+    return session_metadata(open_session(path, 1))
 
 
 def sha256_of_checkpoint(ckpt: dict[str, Any]) -> str:

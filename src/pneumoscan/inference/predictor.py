@@ -23,17 +23,19 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
-import torch
-from torch import nn
 
 from ..data.io import ImageSource, read_image, read_image_with_meta
-from ..data.transforms import Preprocessing, preprocess_batch
+from ..data.preprocessing import Preprocessing, preprocess_arrays
 from ..errors import ImageReadError, ModelError, PneumoscanError
 from ..evaluation.calibration import sigmoid
 from .tta import check_mode, make_views, merge_views
+
+if TYPE_CHECKING:  # PyTorch is imported only where a PyTorch model is used
+    import torch
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +90,12 @@ class Prediction:
 class Predictor:
     """A loaded model ready to answer.
 
+    Decoding, preprocessing (NumPy/Pillow), test-time augmentation, the guard, calibration
+    and the threshold live here and are shared by every backend; a backend only supplies
+    :meth:`_forward` (this class runs a PyTorch model, :class:`~pneumoscan.inference.
+    onnx_backend.OnnxPredictor` onnxruntime). PyTorch is imported only when there is a
+    PyTorch model.
+
     Args:
         model: a registered model (``(B,1,S,S)`` in [0,1] → ``(B,1)`` logits).
         preprocessing: its preprocessing.
@@ -95,7 +103,7 @@ class Predictor:
         temperature: temperature-scaling factor (logit / T).
         name: weight name shown with every prediction.
         metadata: checkpoint metadata (model name, metrics, sha256, ...).
-        device: torch device.
+        device: torch device (of the PyTorch model).
         batch_size: images per forward pass.
         tta: test-time augmentation: ``"none"``, ``"flip"`` (``True``) or ``"crops"``
             (see :mod:`pneumoscan.inference.tta`).
@@ -121,11 +129,11 @@ class Predictor:
         guard: Any = None,
         channels_last: bool | None = None,
     ) -> None:
-        self.device = torch.device(device)
-        self.model = model.eval().to(self.device) if model is not None else None
-        self.channels_last = (self.device.type == "cpu") if channels_last is None else bool(channels_last)
-        if self.model is not None and self.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.device: Any = str(device)
+        self.channels_last = False
+        self.model: nn.Module | None = None
+        if model is not None:
+            self._set_model(model, device, channels_last)
         self.preprocessing = preprocessing
         self.threshold = float(threshold)
         self.temperature = float(temperature)
@@ -135,9 +143,21 @@ class Predictor:
         self.tta = check_mode(tta)
         self.guard = _resolve_guard(guard)
         self.read_workers = min(4, os.cpu_count() or 1)
-        if self.model is not None:
-            for p in self.model.parameters():
-                p.requires_grad_(False)
+
+    #: What runs the network: ``"torch"`` here, ``"onnx"`` for the onnxruntime backend.
+    backend = "torch"
+
+    def _set_model(self, model: nn.Module, device: Any = "cpu", channels_last: bool | None = None) -> None:
+        """Install the PyTorch model (eval mode, no gradients, on ``device``)."""
+        import torch
+
+        self.device = torch.device(device)
+        self.model = model.eval().to(self.device)
+        self.channels_last = (self.device.type == "cpu") if channels_last is None else bool(channels_last)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -174,21 +194,23 @@ class Predictor:
         return self.temperature * math.log(t / (1 - t))
 
     # ------------------------------------------------------------------ core
-    def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        """Greyscale [0,1] arrays → ``(B,1,S,S)`` model input."""
-        return preprocess_batch(list(images), self.input_size)
+    def preprocess(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """Greyscale [0,1] arrays → ``(B,1,S,S)`` float32 model input."""
+        return preprocess_arrays(list(images), self.input_size)
 
-    def _forward(self, chunk: torch.Tensor) -> np.ndarray:
+    def _forward(self, chunk: np.ndarray) -> np.ndarray:
         """Raw logits of at most ``batch_size`` preprocessed images (backends override this)."""
         if self.model is None:
             raise ModelError("this predictor has no PyTorch model")
-        x = chunk.to(self.device)
+        import torch
+
+        x = self._as_tensor(chunk)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
             return self.model(x).float().reshape(-1).cpu().numpy()
 
-    def logits(self, batch: torch.Tensor) -> np.ndarray:
+    def logits(self, batch: np.ndarray) -> np.ndarray:
         """Raw logits of a preprocessed batch (averaged over the TTA views, if any)."""
         views = make_views(batch, self.tta)
         out = [self._forward(views[i : i + self.batch_size]) for i in range(0, views.shape[0], self.batch_size)]
@@ -241,6 +263,7 @@ class Predictor:
         guard: Any = None,
         heatmap: bool = False,
         layer: str | None = None,
+        checks: Sequence[Any] | None = None,
     ) -> list[Prediction]:
         """Predictions for already-decoded greyscale [0,1] arrays.
 
@@ -253,6 +276,9 @@ class Predictor:
             heatmap: also compute Grad-CAM maps (``Prediction.heatmap``, at each array's
                 resolution) for the images that were predicted.
             layer: Grad-CAM target layer (default: the model's).
+            checks: the guard's results for these images, already computed (as
+                :meth:`predict_paths` does in its reader threads); ``None`` entries, or
+                ``checks=None``, are checked here.
         """
         names = list(names) if names is not None else [None] * len(images)
         metas = list(metas) if metas is not None else [None] * len(images)
@@ -262,7 +288,7 @@ class Predictor:
         scores: dict[int, float] = {}
         for i, img in enumerate(images):
             if g is not None:
-                res = g.check(img, metas[i])
+                res = checks[i] if checks is not None and checks[i] is not None else g.check(img, metas[i])
                 if not res.ok:
                     out[i] = self._refused(names[i], res.reason or "not a chest X-ray", res.score)
                     continue
@@ -313,7 +339,8 @@ class Predictor:
         order**. A file that cannot be read yields a Prediction with ``error`` set (and a
         refused one ``refused``) while the others are still predicted.
 
-        Files are decoded by a few threads ahead of the model (JPEGs at reduced size).
+        Files are decoded, and checked by the guard, in a few threads ahead of the model
+        (JPEGs at reduced size), so reading overlaps the forward passes.
 
         Args:
             paths: image files.
@@ -326,23 +353,24 @@ class Predictor:
         g = self._guard_for(guard)
         side = self._read_side(g)
 
-        def load(p: str) -> tuple[np.ndarray | None, dict[str, Any] | None, str | None]:
+        def load(p: str) -> tuple[np.ndarray | None, dict[str, Any] | None, str | None, Any]:
             try:
                 arr, meta = read_image_with_meta(p, max_side=side)
-                return arr, meta, None
             except PneumoscanError as e:
-                return None, None, _reason(e)
+                return None, None, _reason(e), None
             except MemoryError:
-                return None, None, "image too large to decode in memory"
+                return None, None, "image too large to decode in memory", None
+            return arr, meta, None, g.check(arr, meta) if g is not None else None
 
-        pending: list[tuple[str, np.ndarray | None, dict[str, Any] | None, str | None]] = []
+        pending: list[tuple[str, np.ndarray | None, dict[str, Any] | None, str | None, Any]] = []
 
         def flush() -> list[Prediction]:
-            ok = [(n, a, m) for n, a, m, e in pending if e is None]
-            preds = iter(self.predict_arrays([a for _, a, _ in ok], [n for n, _, _ in ok], metas=[m for _, _, m in ok],
-                                             guard=g if g is not None else False, heatmap=heatmap, layer=layer)) if ok else iter(())
+            ok = [(n, a, m, c) for n, a, m, e, c in pending if e is None]
+            preds = iter(self.predict_arrays([a for _, a, _, _ in ok], [n for n, _, _, _ in ok], metas=[m for _, _, m, _ in ok],
+                                             guard=g if g is not None else False, heatmap=heatmap, layer=layer,
+                                             checks=[c for _, _, _, c in ok])) if ok else iter(())
             out = []
-            for n, a, m, e in pending:
+            for n, a, m, e, _ in pending:
                 if e is not None:
                     out.append(self._failed(n, e))
                     continue
@@ -355,8 +383,8 @@ class Predictor:
             return out
 
         n_ok = 0
-        for name, (arr, meta, err) in _ordered_map(load, (str(p) for p in paths), self.read_workers, 2 * self.batch_size):
-            pending.append((name, arr, meta, err))
+        for name, (arr, meta, err, check) in _ordered_map(load, (str(p) for p in paths), self.read_workers, 2 * self.batch_size):
+            pending.append((name, arr, meta, err, check))
             n_ok += err is None
             if n_ok >= self.batch_size:
                 yield from flush()
@@ -365,6 +393,11 @@ class Predictor:
             yield from flush()
 
     # ------------------------------------------------------------------ explanations
+    def _as_tensor(self, batch: np.ndarray) -> torch.Tensor:
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
+
     def gradcam(self, layer: str | None = None, target: str = "predicted") -> Any:
         """A :class:`pneumoscan.explain.GradCAM` on this predictor's model (explaining the
         predicted class at this predictor's operating point by default)."""
@@ -391,7 +424,7 @@ class Predictor:
         maps: list[np.ndarray] = []
         for i in range(0, len(images), self.batch_size):
             chunk = list(images[i : i + self.batch_size])
-            m = cam(self.preprocess(chunk).to(self.device)).cpu().numpy()[:, 0]
+            m = cam(self._as_tensor(self.preprocess(chunk))).cpu().numpy()[:, 0]
             maps += [resize_map(m[k], im.shape[0], im.shape[1]) for k, im in enumerate(chunk)]
         return maps
 
@@ -483,7 +516,9 @@ def load_predictor(
         checkpoint: checkpoint file or run directory; ``None`` for the default model.
         backend: ``"torch"``, ``"onnx"`` (onnxruntime; the model is exported to the cache
             on first use unless ``onnx`` names an exported file) or ``"auto"`` (onnx when
-            onnxruntime is installed and the export works, else torch).
+            onnxruntime is installed and the export works, else torch). With ``"onnx"`` or
+            ``"auto"`` and a cached export, PyTorch is not imported at all (it is loaded
+            later only if Grad-CAM is asked for).
         onnx: an ONNX file written by ``pneumoscan export`` (implies ``backend="onnx"``).
         **kwargs: constructor options (``batch_size``, ``tta``, ``guard``, ``device``).
 
@@ -493,6 +528,14 @@ def load_predictor(
     """
     from ..errors import ConfigError
 
+    if backend not in ("auto", "torch", "onnx"):
+        raise ConfigError(f"unknown backend '{backend}' (auto, torch or onnx)")
+    if backend in ("auto", "onnx") and onnx is None:
+        from .onnx_backend import cached_predictor
+
+        fast = cached_predictor(checkpoint, **kwargs)  # no PyTorch import when the export is cached
+        if fast is not None:
+            return fast
     if backend == "auto" and onnx is None:
         try:
             import onnxruntime  # noqa: F401
@@ -513,8 +556,6 @@ def load_predictor(
         if onnx is not None:
             return OnnxPredictor.from_onnx(onnx, **kwargs)
         return OnnxPredictor.from_checkpoint(_load_ckpt(checkpoint), **kwargs)
-    if backend != "torch":
-        raise ConfigError(f"unknown backend '{backend}' (torch or onnx)")
     return Predictor.from_checkpoint(_load_ckpt(checkpoint), **kwargs)
 
 

@@ -6,16 +6,15 @@ Modes:
 * ``"flip"`` — the image and its horizontal flip (2 views);
 * ``"crops"`` — the image, its flip, a 90 % centre crop and that crop's flip (4 views).
 
-The views are built on the preprocessed ``(B, 1, S, S)`` batch, so the PyTorch and ONNX
-backends share them. Logits are averaged (then calibrated with the checkpoint's temperature,
+The views are built in NumPy on the preprocessed ``(B, 1, S, S)`` batch, so the PyTorch and
+ONNX backends share them. Logits are averaged (then calibrated with the checkpoint's temperature,
 which was fitted on single views: TTA mostly reduces variance, and calibration is close).
 """
 from __future__ import annotations
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
+from ..data.preprocessing import resize_square
 from ..errors import ConfigError
 
 TTA_MODES = ("none", "flip", "crops")
@@ -42,29 +41,32 @@ def n_views(mode: str) -> int:
     return {"none": 1, "flip": 2, "crops": 4}[check_mode(mode)]
 
 
-def _centre_crop(batch: torch.Tensor, fraction: float) -> torch.Tensor:
+def _centre_crop(batch: np.ndarray, fraction: float) -> np.ndarray:
     s = batch.shape[-1]
     c = max(1, int(round(s * fraction)))
     o = (s - c) // 2
     crop = batch[..., o : o + c, o : o + c]
-    return F.interpolate(crop, size=(s, s), mode="bilinear", align_corners=False, antialias=True).clamp_(0.0, 1.0)
+    out = np.empty_like(batch)
+    for i in range(batch.shape[0]):
+        out[i, 0] = resize_square(crop[i, 0], s)
+    return out
 
 
-def make_views(batch: torch.Tensor, mode: str) -> torch.Tensor:
+def make_views(batch: np.ndarray, mode: str) -> np.ndarray:
     """Stack the views of a batch, view-major: ``(V * B, 1, S, S)``.
 
     Args:
-        batch: ``(B, 1, S, S)`` preprocessed images.
+        batch: ``(B, 1, S, S)`` float32 preprocessed images.
         mode: a TTA mode.
     """
     mode = check_mode(mode)
     if mode == "none":
         return batch
-    views = [batch, torch.flip(batch, dims=(-1,))]
+    views = [batch, batch[..., ::-1]]
     if mode == "crops":
         crop = _centre_crop(batch, CROP_FRACTION)
-        views += [crop, torch.flip(crop, dims=(-1,))]
-    return torch.cat(views, dim=0)
+        views += [crop, crop[..., ::-1]]
+    return np.ascontiguousarray(np.concatenate(views, axis=0), dtype=np.float32)
 
 
 def merge_views(logits: np.ndarray, mode: str) -> np.ndarray:
