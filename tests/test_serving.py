@@ -710,11 +710,11 @@ def test_cli_serve_bad_input_is_one_line(cli: Any, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_cli_serve_end_to_end_with_env_api_key(run_dir: Path, normal_jpeg: Path) -> None:
-    """``pneumoscan serve`` in its own process: key from PNEUMOSCAN_API_KEY, /healthz open,
-    /v1 closed without the key, a prediction with it, clean shutdown on SIGTERM."""
-    env = {**os.environ, "PNEUMOSCAN_API_KEY": "env-key-123", "MPLBACKEND": "Agg"}
-    proc = subprocess.Popen([sys.executable, "-m", "pneumoscan", "serve", "--checkpoint", str(run_dir), "--port", "0"],
+def test_cli_serve_end_to_end_with_env_api_key(run_dir: Path, normal_jpeg: Path, tmp_path: Path) -> None:
+    """``pneumoscan serve --backend onnx`` in its own process: key from PNEUMOSCAN_API_KEY,
+    /healthz open, /v1 closed without the key, a prediction with it, clean shutdown on SIGTERM."""
+    env = {**os.environ, "PNEUMOSCAN_API_KEY": "env-key-123", "MPLBACKEND": "Agg", "PNEUMOSCAN_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.Popen([sys.executable, "-m", "pneumoscan", "serve", "--checkpoint", str(run_dir), "--port", "0", "--backend", "onnx"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=env, cwd=REPO)
     try:
         line = proc.stdout.readline()  # type: ignore[union-attr]
@@ -732,8 +732,9 @@ def test_cli_serve_end_to_end_with_env_api_key(run_dir: Path, normal_jpeg: Path)
                 assert time.monotonic() < deadline and proc.poll() is None, "server did not come up"
                 time.sleep(0.1)
             assert c.get("/v1/model").status_code == 401
-            r = _post(c, normal_jpeg.read_bytes(), headers={"Authorization": "Bearer env-key-123"})
+            r = _post(c, normal_jpeg.read_bytes(), headers={"Authorization": "Bearer env-key-123"}, query="?heatmap=true")
             assert r.status_code == 200 and 0 <= r.json()["probability"] <= 1
+            assert r.json()["heatmap"]["method"] == "grad-cam"  # the PyTorch model explains the ONNX answers
     finally:
         proc.terminate()
         _, err = proc.communicate(timeout=30)
@@ -742,3 +743,4 @@ def test_cli_serve_end_to_end_with_env_api_key(run_dir: Path, normal_jpeg: Path)
     assert "Application shutdown complete" in err
     assert "Traceback" not in err and "env-key-123" not in err
     assert "outcome=ok" in err and "status=401" in err
+    assert list((tmp_path / "cache" / "onnx").glob("*.onnx"))  # exported once into the cache

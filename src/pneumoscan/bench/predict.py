@@ -232,7 +232,7 @@ def run_predict_benchmark(
 
         # ---------------------------------------------------------------- end to end (processes)
         if e2e:
-            results += _end_to_end(checkpoint, folder, len(files), tmp, predictors, onnx_fp32, int8, notes, smoke)
+            results += _end_to_end(checkpoint, folder, len(files), tmp, predictors, onnx_fp32, int8, notes, smoke, rounds)
 
     report = BenchReport(
         benchmark="predict",
@@ -252,50 +252,69 @@ def run_predict_benchmark(
 
 def _end_to_end(
     checkpoint: str | Path, folder: Path, n: int, tmp: Path, predictors: dict[str, Any], onnx_fp32: Path,
-    int8: str | Path | None, notes: list[str], smoke: bool = False,
+    int8: str | Path | None, notes: list[str], smoke: bool = False, rounds: int = 2,
 ) -> list[VariantResult]:
-    """Whole-process timings: the baseline script vs ``pneumoscan predict`` (when present)."""
+    """Whole-process timings, ``rounds`` interleaved rounds (median seconds): the baseline
+    script vs ``pneumoscan predict`` (when present)."""
     timeout = 1800.0
-    out: list[VariantResult] = []
     base_cmd = [sys.executable, "-m", "pneumoscan.bench.baseline", str(folder), "--checkpoint", str(checkpoint)]
-    dt, lines, _ = _run_process(base_cmd, timeout)
-    out.append(VariantResult(name="process: baseline script (end to end)", images_per_s=n / dt, peak_rss_mb=children_peak_rss_mb(),
-                             extra={"key": "e2e-baseline", "seconds": dt, "lines": lines}))
     flags = _predict_cli_flags()
+    variants: list[tuple[str, str, list[str]]] = [("e2e-baseline", "process: baseline script (end to end)", base_cmd)]
     if flags is None:
         notes.append("'pneumoscan predict' is not installed in this build: end-to-end CLI timing skipped")
-        return out
-    cli = [sys.executable, "-m", "pneumoscan", "-q", "predict", str(folder)]
-    if "--format" in flags:
-        cli += ["--format", "json"]
-    if "--no-progress" in flags:
-        cli += ["--no-progress"]
-    ckpt_args = ["--checkpoint", str(checkpoint)]
-    variants = [("e2e-predict", "process: pneumoscan predict (default backend)", ckpt_args)]
-    if "--backend" in flags:
-        variants.append(("e2e-predict-torch", "process: pneumoscan predict --backend torch", ckpt_args + ["--backend", "torch"]))
-        # the default backend exports the checkpoint to the ONNX cache on first use (a one-time
-        # cost of a few seconds): do that once, untimed, so the row shows steady-state use
-        with contextlib.suppress(ConfigError):
-            first = None if smoke else next(iter(sorted(p for p in Path(folder).rglob("*") if p.is_file())), None)
-            if first is not None:
-                _run_process([sys.executable, "-m", "pneumoscan", "-q", "predict", str(first), *ckpt_args], timeout)
-    if "--onnx" in flags and "onnx-int8" in predictors:
-        path = Path(int8) if int8 else tmp / "model.int8.onnx"
-        variants.append(("e2e-predict-int8", "process: pneumoscan predict --onnx int8", ["--onnx", str(path), "--batch-size", "8"]))
-    if "--onnx" in flags and onnx_fp32.is_file():
-        variants.append(("e2e-predict-onnx", "process: pneumoscan predict --onnx fp32", ["--onnx", str(onnx_fp32), "--batch-size", "8"]))
-    for key, label, extra_args in variants[: (1 if smoke else None)]:
-        try:
-            dt2, lines2, _ = _run_process(cli + extra_args, timeout)
-        except ConfigError as e:
-            notes.append(f"{label}: {e}")
+    else:
+        cli = [sys.executable, "-m", "pneumoscan", "-q", "predict", str(folder)]
+        if "--format" in flags:
+            cli += ["--format", "json"]
+        if "--no-progress" in flags:
+            cli += ["--no-progress"]
+        ckpt_args = ["--checkpoint", str(checkpoint)]
+        variants.append(("e2e-predict", "process: pneumoscan predict (default backend)", cli + ckpt_args))
+        if "--backend" in flags:
+            variants.append(("e2e-predict-torch", "process: pneumoscan predict --backend torch", cli + ckpt_args + ["--backend", "torch"]))
+            # the default backend exports the checkpoint to the ONNX cache on first use (a one-time
+            # cost of a few seconds): do that once, untimed, so the rows show steady-state use
+            with contextlib.suppress(ConfigError):
+                first = None if smoke else next(iter(sorted(p for p in Path(folder).rglob("*") if p.is_file())), None)
+                if first is not None:
+                    _run_process([sys.executable, "-m", "pneumoscan", "-q", "predict", str(first), *ckpt_args], timeout)
+        if "--onnx" in flags and "onnx-int8" in predictors:
+            path = Path(int8) if int8 else tmp / "model.int8.onnx"
+            variants.append(("e2e-predict-int8", "process: pneumoscan predict --onnx int8", cli + ["--onnx", str(path)]))
+        if "--onnx" in flags and onnx_fp32.is_file():
+            variants.append(("e2e-predict-onnx", "process: pneumoscan predict --onnx fp32", cli + ["--onnx", str(onnx_fp32)]))
+    if smoke:
+        variants, rounds = variants[:2], 1
+    seconds: dict[str, list[float]] = {k: [] for k, _, _ in variants}
+    lines: dict[str, int] = {}
+    failed: set[str] = set()
+    for r in range(max(1, rounds)):
+        for key, label, cmd in variants:
+            if key in failed:
+                continue
+            try:
+                dt, lines[key], _ = _run_process(cmd, timeout)
+            except ConfigError as e:
+                if key == "e2e-baseline":
+                    raise
+                notes.append(f"{label}: {e}")
+                failed.add(key)
+                continue
+            seconds[key].append(dt)
+            log.info("round %d  %-45s %.2f s", r + 1, label, dt)
+    base = float(np.median(seconds["e2e-baseline"]))
+    out: list[VariantResult] = []
+    for key, label, _ in variants:
+        if not seconds[key]:
             continue
-        out.append(VariantResult(name=label, images_per_s=n / dt2, peak_rss_mb=children_peak_rss_mb(),
-                                 extra={"key": key, "seconds": dt2, "lines": lines2, "e2e_ratio": dt / dt2}))
+        dt = float(np.median(seconds[key]))
+        extra: dict[str, Any] = {"key": key, "seconds": dt, "rounds_s": [round(x, 2) for x in seconds[key]], "lines": lines[key]}
+        if key != "e2e-baseline":
+            extra["e2e_ratio"] = base / dt
+        out.append(VariantResult(name=label, images_per_s=n / dt, peak_rss_mb=children_peak_rss_mb(), extra=extra))
     notes.append("process rows include interpreter start-up, imports and model loading (and the CLI's default "
-                 "not-a-chest-X-ray guard); their 'vs baseline' is against the in-process loop, e2e_ratio (JSON and "
-                 "target line) against the baseline script process")
+                 "not-a-chest-X-ray guard), median of the interleaved rounds; their 'vs baseline' is against the "
+                 "in-process loop, e2e_ratio (JSON and target line) against the baseline script process")
     return out
 
 
@@ -305,7 +324,8 @@ def _targets(report: BenchReport) -> None:
     e2e_base = by.get("e2e-baseline")
     e2e = [v for k, v in by.items() if str(k).startswith("e2e-predict")]
     if e2e and e2e_base is not None:
-        best = max(e2e, key=lambda v: v.extra.get("e2e_ratio", 0))
+        # the target is about 'pneumoscan predict' as users run it: its default backend
+        best = by.get("e2e-predict") or max(e2e, key=lambda v: v.extra.get("e2e_ratio", 0))
         r = best.extra["e2e_ratio"]
         report.targets.append({"what": f"end-to-end '{best.name}' vs baseline script", "measured": f"{r:.2f}x",
                                "goal": ">= 3x", "met": r >= 3.0})

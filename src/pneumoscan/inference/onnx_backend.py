@@ -24,6 +24,7 @@ import concurrent.futures
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -123,7 +124,10 @@ class OnnxPredictor(Predictor):
         torch_model: the PyTorch model, if available (only used by Grad-CAM).
         torch_model_loader: builds the PyTorch model when Grad-CAM first needs it.
         threads: onnxruntime intra-op threads (default :func:`default_threads`).
-        session: an already open onnxruntime session on ``onnx_path``.
+        lanes: concurrent forward passes, each on its share of ``threads`` (default
+            :func:`plan_threads`); a batch is split between them.
+        session: an already open onnxruntime session on ``onnx_path`` (its intra-op threads
+            set by the caller; ``lanes`` then defaults to 1).
         **kwargs: other :class:`Predictor` options (``batch_size``, ``tta``, ``guard``,
             ``device`` and ``channels_last`` of the PyTorch model).
     """
@@ -144,10 +148,15 @@ class OnnxPredictor(Predictor):
     ) -> None:
         self._torch_model: nn.Module | None = None
         self._torch_model_loader = torch_model_loader
+        self._model_lock = threading.Lock()
         self._model_options = {k: kwargs.pop(k) for k in ("device", "channels_last") if k in kwargs}
         super().__init__(torch_model, preprocessing, **kwargs, **self._model_options)
-        self.lanes, intra = plan_threads(threads, lanes)
-        self.session = session if session is not None else open_session(onnx_path, intra)
+        if session is None:
+            self.lanes, intra = plan_threads(threads, lanes)
+            session = open_session(onnx_path, intra)
+        else:  # opened by the caller with plan_threads' intra-op share
+            self.lanes = max(1, int(lanes or 1))
+        self.session = session
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.onnx_path = Path(onnx_path)
         self.input_name = self.session.get_inputs()[0].name
@@ -157,9 +166,11 @@ class OnnxPredictor(Predictor):
         """The PyTorch model (used only by Grad-CAM): loaded on first use when this predictor
         came from a cached export, ``None`` for a plain ONNX file."""
         if self._torch_model is None and self._torch_model_loader is not None:
-            loader, self._torch_model_loader = self._torch_model_loader, None
-            log.info("loading the PyTorch model of %s for Grad-CAM", self.name)
-            self._set_model(loader(), **self._model_options)
+            with self._model_lock:  # service threads may ask at once: load once
+                if self._torch_model is None and self._torch_model_loader is not None:
+                    log.info("loading the PyTorch model of %s for Grad-CAM", self.name)
+                    self._set_model(self._torch_model_loader(), **self._model_options)
+                    self._torch_model_loader = None
         return self._torch_model
 
     @model.setter
