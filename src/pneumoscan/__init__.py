@@ -9,11 +9,11 @@ prediction with the ONNX backend never imports PyTorch.
 """
 from __future__ import annotations
 
-import importlib
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .errors import PneumoscanError
+from .utils.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -39,13 +39,4 @@ if TYPE_CHECKING:
     from .training import fit, load_checkpoint, model_from_checkpoint
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'pneumoscan' has no attribute '{name}'")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())

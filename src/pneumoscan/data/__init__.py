@@ -5,8 +5,9 @@ the datasets and training transforms do.
 """
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ..utils.lazy import lazy_exports
 
 _LAZY = {
     "Sample": ".datasets", "XrayDataset": ".datasets", "load_samples": ".datasets", "read_manifest": ".datasets",
@@ -26,13 +27,4 @@ if TYPE_CHECKING:
     from .splits import grouped_stratified_split
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'pneumoscan.data' has no attribute '{name}'")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
