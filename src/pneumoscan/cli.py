@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 
 from . import __version__
 from .errors import PneumoscanError
+from .utils.runtime import tune_malloc
 
 log = logging.getLogger("pneumoscan")
 
@@ -225,6 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(-1 if args.quiet else args.verbose)
+    tune_malloc()  # before PyTorch allocates anything (see pneumoscan.utils.runtime)
     func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
     if func is None:
         parser.print_help(sys.stderr)

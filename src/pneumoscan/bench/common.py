@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..utils.io import atomic_write_text
+from ..utils.runtime import malloc_setting
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ def machine_info() -> dict[str, Any]:
         "mkldnn": torch.backends.mkldnn.is_available(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "load_avg_1min": load_average(),
+        "malloc": malloc_setting(),
     }
     try:
         import onnxruntime
@@ -96,7 +98,8 @@ def format_machine(info: dict[str, Any]) -> str:
     return (
         f"machine: {info['cpu']} ({info['cores']} cores, {info['torch_threads']} torch threads){gpu}; "
         f"torch {info['torch']}{ort}; bf16 autocast {'yes' if info['bf16_autocast'] else 'no'} "
-        f"({', '.join(isa) or 'no bf16/int8 ISA extensions'}); load average {info['load_avg_1min']}"
+        f"({', '.join(isa) or 'no bf16/int8 ISA extensions'}); malloc {info.get('malloc', 'system')}; "
+        f"load average {info['load_avg_1min']}"
     )
 
 
