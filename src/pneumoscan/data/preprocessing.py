@@ -69,7 +69,9 @@ def as_unit_float(image: np.ndarray) -> np.ndarray:
         raise ValueError(f"expected a 2-D greyscale image, got shape {a.shape}")
     if a.dtype == np.uint8:
         return a.astype(np.float32) * np.float32(1.0 / 255.0)
-    a = np.nan_to_num(a.astype(np.float32), nan=0.0, posinf=1.0, neginf=0.0)
+    a = np.array(a, dtype=np.float32)  # a copy
+    if not np.isfinite(a).all():
+        np.nan_to_num(a, copy=False, nan=0.0, posinf=1.0, neginf=0.0)
     return np.clip(a, 0.0, 1.0, out=a)
 
 
@@ -83,6 +85,14 @@ def resize_square(image: np.ndarray, size: int) -> np.ndarray:
     return np.clip(out, 0.0, 1.0)
 
 
+def preprocess_image(image: np.ndarray, size: int) -> np.ndarray:
+    """One greyscale image (2-D float in [0, 1], or uint8) → ``(1, size, size)`` float32."""
+    a = as_unit_float(image)
+    if a.shape != (size, size):
+        a = resize_square(a, size)
+    return a[None]
+
+
 def preprocess_arrays(images: Sequence[np.ndarray], size: int) -> np.ndarray:
     """Greyscale images → ``(B, 1, size, size)`` float32 model input in [0, 1].
 
@@ -93,5 +103,5 @@ def preprocess_arrays(images: Sequence[np.ndarray], size: int) -> np.ndarray:
     """
     out = np.empty((len(images), 1, size, size), dtype=np.float32)
     for i, im in enumerate(images):
-        out[i, 0] = resize_square(as_unit_float(im), size)
+        out[i] = preprocess_image(im, size)
     return out

@@ -26,6 +26,8 @@ THUMB = 8
 TEMPLATE = 16
 #: Largest native-resolution centre crop used for texture statistics.
 NATIVE = 256
+#: Intensity percentiles measured.
+PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
 
 
 def _resize(img: np.ndarray, side: int) -> np.ndarray:
@@ -44,6 +46,50 @@ def _corr(a: np.ndarray, b: np.ndarray) -> float:
     b -= b.mean()
     den = math.sqrt(float(np.einsum("i,i->", a, a)) * float(np.einsum("i,i->", b, b)))
     return float(np.einsum("i,i->", a, b)) / den if den > 1e-12 else 0.0
+
+
+def _percentiles(x: np.ndarray, qs: tuple[float, ...]) -> np.ndarray:
+    """``np.percentile(x, qs)`` (linear interpolation, float64 results) from one sort of
+    ``x``: the same values, and NumPy's vectorised sort beats its partition several times over
+    for the 10⁴–10⁵ pixels the guard looks at."""
+    s = np.sort(x, axis=None)
+    v = np.asarray(qs, dtype=np.float64) / 100.0 * (s.size - 1)
+    lo = np.floor(v).astype(np.intp)
+    hi = np.minimum(lo + 1, s.size - 1)
+    g = v - lo
+    a, b = s[lo].astype(np.float64), s[hi].astype(np.float64)
+    d = b - a
+    # numpy's _lerp: from below for g < 0.5, from above otherwise (exact at the ends)
+    return np.where(g >= 0.5, b - d * (1 - g), a + d * g)
+
+
+def _hist64(x: np.ndarray) -> np.ndarray:
+    """``np.histogram(x, bins=64, range=(0, 1))[0]`` for ``x`` in [0, 1]: ``x * 64`` is exact
+    in binary floating point, so its integer part is the bin (1.0 falls in the last)."""
+    idx = np.minimum((x * 64).astype(np.intp), 63)
+    return np.bincount(idx.ravel(), minlength=64)
+
+
+def _neighbour_corr(c: np.ndarray) -> tuple[float, float]:
+    """Correlation of every pixel with its right and with its lower neighbour (as
+    :func:`_corr` of the shifted views), from running sums in float64."""
+    c = np.asarray(c, dtype=np.float64)
+    total, total2 = float(c.sum()), float(np.einsum("ij,ij->", c, c))
+    out = []
+    for first, last, prod in (
+        (c[:, 0], c[:, -1], np.einsum("ij,ij->", c[:, :-1], c[:, 1:])),
+        (c[0, :], c[-1, :], np.einsum("ij,ij->", c[:-1, :], c[1:, :])),
+    ):
+        n = c.size - first.size
+        sa, sb = total - float(last.sum()), total - float(first.sum())
+        saa, sbb = total2 - float(last @ last), total2 - float(first @ first)
+        va, vb = saa - sa * sa / n, sbb - sb * sb / n
+        tiny = 1e-9 * max(saa, sbb)  # below this the raw sums cannot tell a flat image from rounding
+        if va <= max(tiny, 1e-12) or vb <= max(tiny, 1e-12):
+            out.append(0.0)
+            continue
+        out.append((float(prod) - sa * sb / n) / math.sqrt(va * vb))
+    return out[0], out[1]
 
 
 def _zscore(x: np.ndarray) -> np.ndarray:
@@ -88,16 +134,19 @@ def image_features(img: np.ndarray, meta: dict[str, Any] | None = None, template
         An ordered dict ``name -> value`` (always the same names in the same order).
     """
     meta = meta or {}
-    img = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0, posinf=1.0, neginf=0.0)
+    img = np.asarray(img, dtype=np.float32)
+    if not np.isfinite(img).all():
+        img = np.nan_to_num(img, nan=0.0, posinf=1.0, neginf=0.0)
     x = np.clip(_resize(img, SIDE), 0.0, 1.0)
     f: dict[str, float] = {}
 
     # ---------------------------------------------------------------- intensity
+    sd = x.std()
     f["mean"] = float(x.mean())
-    f["std"] = float(x.std())
-    for q, v in zip((1, 5, 25, 50, 75, 95, 99), np.percentile(x, (1, 5, 25, 50, 75, 95, 99))):
+    f["std"] = float(sd)
+    for q, v in zip(PERCENTILES, _percentiles(x, PERCENTILES)):
         f[f"p{q}"] = float(v)
-    h64 = np.histogram(x, bins=64, range=(0.0, 1.0))[0].astype(np.float64) / x.size
+    h64 = _hist64(x).astype(np.float64) / x.size
     # the 16 bins are sums of 4 of the 64 (their edges k/16 = 4k/64 are exact binary fractions)
     hist = h64.reshape(16, 4).sum(axis=1)
     for i, v in enumerate(hist):
@@ -119,9 +168,7 @@ def image_features(img: np.ndarray, meta: dict[str, Any] | None = None, template
     f["mode_share"] = float(top[0])
     f["top3_share"] = float(top[:3].sum())
     if ch > 2 and cw > 2:
-        c64 = crop.astype(np.float64)
-        f["nbr_corr_x"] = _corr(c64[:, :-1], c64[:, 1:])
-        f["nbr_corr_y"] = _corr(c64[:-1, :], c64[1:, :])
+        f["nbr_corr_x"], f["nbr_corr_y"] = _neighbour_corr(crop)
         lap = crop[1:-1, 1:-1] * 4 - crop[:-2, 1:-1] - crop[2:, 1:-1] - crop[1:-1, :-2] - crop[1:-1, 2:]
         f["laplace"] = float(np.abs(lap).mean() / (float(crop.std()) + 1e-3))
     else:
@@ -133,12 +180,13 @@ def image_features(img: np.ndarray, meta: dict[str, Any] | None = None, template
     gx[:, 1:-1] = (x[:, 2:] - x[:, :-2]) / 2
     gy[1:-1, :] = (x[2:, :] - x[:-2, :]) / 2
     g = np.hypot(gx, gy)
-    f["grad_mean"] = float(g.mean())
-    f["grad_rel"] = float(g.mean() / (x.std() + 1e-3))
-    f["edge_frac_05"] = float((g > 0.05).mean())
-    f["edge_frac_15"] = float((g > 0.15).mean())
+    gm = g.mean()
     strong = g > 0.05
-    if strong.sum() > 10:
+    f["grad_mean"] = float(gm)
+    f["grad_rel"] = float(gm / (sd + 1e-3))
+    f["edge_frac_05"] = float(strong.mean())
+    f["edge_frac_15"] = float((g > 0.15).mean())
+    if np.count_nonzero(strong) > 10:
         ax, ay = np.abs(gx[strong]), np.abs(gy[strong])
         f["axis_aligned"] = float(((ax < 0.1 * ay) | (ay < 0.1 * ax)).mean())
     else:

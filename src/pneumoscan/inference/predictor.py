@@ -114,6 +114,9 @@ class Predictor:
             with oneDNN; same results up to float rounding). ``None``: on CPUs.
     """
 
+    #: What runs the network: ``"torch"`` here, ``"onnx"`` for the onnxruntime backend.
+    backend = "torch"
+
     def __init__(
         self,
         model: nn.Module | None,
@@ -143,9 +146,6 @@ class Predictor:
         self.tta = check_mode(tta)
         self.guard = _resolve_guard(guard)
         self.read_workers = min(4, os.cpu_count() or 1)
-
-    #: What runs the network: ``"torch"`` here, ``"onnx"`` for the onnxruntime backend.
-    backend = "torch"
 
     def _set_model(self, model: nn.Module, device: Any = "cpu", channels_last: bool | None = None) -> None:
         """Install the PyTorch model (eval mode, no gradients, on ``device``)."""
@@ -264,6 +264,7 @@ class Predictor:
         heatmap: bool = False,
         layer: str | None = None,
         checks: Sequence[Any] | None = None,
+        inputs: Sequence[np.ndarray | None] | None = None,
     ) -> list[Prediction]:
         """Predictions for already-decoded greyscale [0,1] arrays.
 
@@ -279,6 +280,9 @@ class Predictor:
             checks: the guard's results for these images, already computed (as
                 :meth:`predict_paths` does in its reader threads); ``None`` entries, or
                 ``checks=None``, are checked here.
+            inputs: the images already preprocessed (``(1, S, S)`` each, by
+                :meth:`preprocess`), as :meth:`predict_paths`' reader threads do; used when
+                every predicted image has one.
         """
         names = list(names) if names is not None else [None] * len(images)
         metas = list(metas) if metas is not None else [None] * len(images)
@@ -295,7 +299,11 @@ class Predictor:
                 scores[i] = res.score
             keep.append(i)
         if keep:
-            probs = self.probabilities([images[i] for i in keep])
+            if inputs is not None and all(inputs[i] is not None for i in keep):
+                batch = np.stack([inputs[i] for i in keep])  # type: ignore[misc]
+            else:
+                batch = self.preprocess([images[i] for i in keep])
+            probs = self.calibrate(self.logits(batch))
             cams = self.explain_arrays([images[i] for i in keep], layer=layer) if heatmap else [None] * len(keep)
             for i, p, cam in zip(keep, probs, cams):
                 pred = self._answer(names[i], p)
@@ -339,8 +347,8 @@ class Predictor:
         order**. A file that cannot be read yields a Prediction with ``error`` set (and a
         refused one ``refused``) while the others are still predicted.
 
-        Files are decoded, and checked by the guard, in a few threads ahead of the model
-        (JPEGs at reduced size), so reading overlaps the forward passes.
+        Files are decoded, checked by the guard and preprocessed in a few threads ahead of
+        the model (JPEGs at reduced size), so all of that overlaps the forward passes.
 
         Args:
             paths: image files.
@@ -353,24 +361,26 @@ class Predictor:
         g = self._guard_for(guard)
         side = self._read_side(g)
 
-        def load(p: str) -> tuple[np.ndarray | None, dict[str, Any] | None, str | None, Any]:
+        def load(p: str) -> tuple[np.ndarray | None, dict[str, Any] | None, str | None, Any, np.ndarray | None]:
             try:
                 arr, meta = read_image_with_meta(p, max_side=side)
             except PneumoscanError as e:
-                return None, None, _reason(e), None
+                return None, None, _reason(e), None, None
             except MemoryError:
-                return None, None, "image too large to decode in memory", None
-            return arr, meta, None, g.check(arr, meta) if g is not None else None
+                return None, None, "image too large to decode in memory", None, None
+            check = g.check(arr, meta) if g is not None else None
+            x = self.preprocess([arr])[0] if check is None or check.ok else None
+            return arr, meta, None, check, x
 
-        pending: list[tuple[str, np.ndarray | None, dict[str, Any] | None, str | None, Any]] = []
+        pending: list[tuple[str, np.ndarray | None, dict[str, Any] | None, str | None, Any, np.ndarray | None]] = []
 
         def flush() -> list[Prediction]:
-            ok = [(n, a, m, c) for n, a, m, e, c in pending if e is None]
-            preds = iter(self.predict_arrays([a for _, a, _, _ in ok], [n for n, _, _, _ in ok], metas=[m for _, _, m, _ in ok],
+            ok = [(n, a, m, c, x) for n, a, m, e, c, x in pending if e is None]
+            preds = iter(self.predict_arrays([a for _, a, _, _, _ in ok], [n for n, _, _, _, _ in ok], metas=[m for _, _, m, _, _ in ok],
                                              guard=g if g is not None else False, heatmap=heatmap, layer=layer,
-                                             checks=[c for _, _, _, c in ok])) if ok else iter(())
+                                             checks=[c for _, _, _, c, _ in ok], inputs=[x for _, _, _, _, x in ok])) if ok else iter(())
             out = []
-            for n, a, m, e, _ in pending:
+            for n, a, m, e, _, _ in pending:
                 if e is not None:
                     out.append(self._failed(n, e))
                     continue
@@ -383,8 +393,8 @@ class Predictor:
             return out
 
         n_ok = 0
-        for name, (arr, meta, err, check) in _ordered_map(load, (str(p) for p in paths), self.read_workers, 2 * self.batch_size):
-            pending.append((name, arr, meta, err, check))
+        for name, (arr, meta, err, check, x) in _ordered_map(load, (str(p) for p in paths), self.read_workers, 2 * self.batch_size):
+            pending.append((name, arr, meta, err, check, x))
             n_ok += err is None
             if n_ok >= self.batch_size:
                 yield from flush()
