@@ -54,6 +54,8 @@ def cache_dir() -> Path:
 
 #: Most concurrent forward passes ("lanes") one predictor runs (see :class:`OnnxPredictor`).
 MAX_LANES = 4
+#: Images per onnxruntime call within a batch (measured fastest on CPUs: docs/benchmarks.md).
+LANE_BATCH = 2
 
 
 def default_threads() -> int:
@@ -181,12 +183,13 @@ class OnnxPredictor(Predictor):
         return np.asarray(self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0], dtype=np.float32).reshape(-1)
 
     def _forward(self, chunk: np.ndarray) -> np.ndarray:
-        lanes = min(self.lanes, chunk.shape[0])
-        if lanes <= 1:
+        n = chunk.shape[0]
+        if self.lanes <= 1 or n <= 1:
             return self._run(chunk)
         if self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=self.lanes, thread_name_prefix="pneumoscan-onnx")
-        parts = np.array_split(chunk, lanes)
+        # small pieces: a convolution's working set of LANE_BATCH images stays in the core's cache
+        parts = np.array_split(chunk, max(min(self.lanes, n), -(-n // LANE_BATCH)))
         return np.concatenate(list(self._pool.map(self._run, parts)))
 
     @classmethod
