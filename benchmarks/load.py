@@ -293,6 +293,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         extra = ["--request-timeout", str(args.timeout)]
         if args.max_upload_mb:
             extra += ["--max-upload-mb", str(args.max_upload_mb)]
+        if args.backend:
+            extra += ["--backend", args.backend]
         server = Server(args.checkpoint, extra)
         url, pid = server.url, server.pid
     headers = {"X-API-Key": args.api_key} if args.api_key else {}
@@ -352,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-upload-mb", type=float, help="--max-upload-mb of the server this script starts")
     p.add_argument("--timeout", type=float, default=120.0, help="per-request timeout in seconds (also the server's deadline)")
     p.add_argument("--heatmap", action="store_true", help="ask for a Grad-CAM heatmap with every prediction")
+    p.add_argument("--backend", choices=["torch", "onnx", "auto"], help="--backend of the server this script starts (default: serve's)")
     p.add_argument("--json", action="store_true", help="print the results as JSON only")
     p.add_argument("--probe-healthz", metavar="URL", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -171,9 +171,16 @@ def test_service_on_the_onnx_backend_still_explains(tiny_run: Path, cache: Path,
     assert pred.backend == "onnx"
     path = sorted((xray_dir / "val").glob("*/*.jpeg"))[0]
     ref = load_predictor(tiny_run, backend="torch").predict_image(path)
+    with TestClient(create_app(load_predictor(tiny_run, backend="torch"))) as c:
+        info_torch = c.get("/v1/model").json()
     with TestClient(create_app(pred)) as c:
-        assert c.get("/v1/model").json()["capabilities"]["heatmap"] is True
+        info = c.get("/v1/model").json()
         r = c.post("/v1/predict?heatmap=true", files={"file": (path.name, path.read_bytes(), "image/jpeg")})
+    assert info["capabilities"]["heatmap"] is True
+    # the model description does not depend on the backend (name, hashes, operating point, card)
+    for key in ("name", "weight_id", "sha256", "model_name", "input_size", "operating_point", "val_metrics", "class_names", "model_card"):
+        assert info.get(key) == info_torch.get(key), key
+    assert info["sha256"] == sha256_file(tiny_run / "best.pt") and info["model_card"]
     assert r.status_code == 200, r.text
     body = r.json()
     assert abs(body["probability"] - ref.probability) < 1e-4 and body["label"] == ref.label
@@ -184,5 +191,5 @@ def test_serve_cli_backend_flag() -> None:
     from pneumoscan.cli import build_parser
 
     parser = build_parser()
-    assert parser.parse_args(["serve"]).backend == "torch"
+    assert parser.parse_args(["serve"]).backend == "auto"
     assert parser.parse_args(["serve", "--backend", "onnx"]).backend == "onnx"

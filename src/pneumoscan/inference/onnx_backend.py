@@ -21,6 +21,7 @@ Three ways to get one:
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import logging
 import os
@@ -213,11 +214,10 @@ class OnnxPredictor(Predictor):
             "file_sha256": meta.get("source_sha256") or None, "threshold_method": meta.get("threshold_method") or None,
             "onnx_file": str(path),
         }
-        if meta.get("val_metrics"):
-            try:
-                info["val_metrics"] = json.loads(meta["val_metrics"])
-            except ValueError:
-                pass
+        for key in ("val_metrics", "class_names"):
+            if meta.get(key):
+                with contextlib.suppress(ValueError):
+                    info[key] = json.loads(meta[key])
         return cls(path, pre, threshold=threshold, temperature=temperature, name=meta.get("weight_name") or Path(path).stem,
                    metadata=info, session=sess, lanes=lanes, **kwargs)
 
@@ -253,9 +253,9 @@ def export_dir(cache: str | Path | None = None) -> Path:
     return Path(cache or cache_dir()) / "onnx"
 
 
-def checkpoint_file_sha256(checkpoint: str | Path | None) -> str:
-    """The sha256 identifying a checkpoint file (a run directory means its ``best.pt``; ``None``
-    the shipped default model, whose file is verified against its manifest), without loading it.
+def resolve_checkpoint_file(checkpoint: str | Path | None) -> tuple[Path, str]:
+    """The checkpoint file and its sha256, without loading it: a run directory means its
+    ``best.pt``, ``None`` the shipped default model (verified against its manifest).
 
     Raises:
         CheckpointError: missing file, or the default model fails its checksum.
@@ -263,14 +263,19 @@ def checkpoint_file_sha256(checkpoint: str | Path | None) -> str:
     if checkpoint is None:
         from .default_model import default_checkpoint_path, default_manifest
 
-        default_checkpoint_path()  # verifies the shipped file's sha256
-        return str(default_manifest()["sha256"])
+        path = default_checkpoint_path()  # verifies the shipped file's sha256
+        return path, str(default_manifest()["sha256"])
     p = Path(checkpoint)
     if p.is_dir():
         p = p / "best.pt"
     if not p.is_file():
         raise CheckpointError(f"checkpoint not found: {p}")
-    return sha256_file(p)
+    return p, sha256_file(p)
+
+
+def checkpoint_file_sha256(checkpoint: str | Path | None) -> str:
+    """The sha256 identifying a checkpoint file (see :func:`resolve_checkpoint_file`)."""
+    return resolve_checkpoint_file(checkpoint)[1]
 
 
 def cached_predictor(checkpoint: str | Path | None, *, cache: str | Path | None = None, **kwargs: Any) -> OnnxPredictor | None:
@@ -291,7 +296,7 @@ def cached_predictor(checkpoint: str | Path | None, *, cache: str | Path | None 
         import onnxruntime  # noqa: F401
     except ImportError:
         return None
-    sha = checkpoint_file_sha256(checkpoint)
+    path, sha = resolve_checkpoint_file(checkpoint)
     for f in sorted(export_dir(cache).glob(f"*-{sha[:16]}.onnx")):
         try:
             pred = OnnxPredictor.from_onnx(f, **kwargs)
@@ -301,6 +306,10 @@ def cached_predictor(checkpoint: str | Path | None, *, cache: str | Path | None 
         if pred.metadata.get("file_sha256") != sha:
             continue
         pred._torch_model_loader = _model_loader(checkpoint, sha)
+        # the metadata a predictor built from the checkpoint itself has (model card lookup, ...)
+        pred.metadata["_path"] = str(path)
+        if checkpoint is None:
+            pred.metadata["sha256"] = sha
         log.debug("using cached ONNX export %s", f)
         return pred
     return None

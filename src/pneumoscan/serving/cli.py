@@ -28,9 +28,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 = any free port)")
     p.add_argument("--checkpoint", help="checkpoint file or run directory (default: the shipped default model)")
-    p.add_argument("--backend", choices=["torch", "onnx", "auto"], default="torch",
-                   help="what computes probabilities: torch (default), onnx (onnxruntime; the checkpoint is exported to the "
-                        "cache once) or auto (onnx when onnxruntime is installed); Grad-CAM heatmaps always use the PyTorch model")
+    p.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto",
+                   help="what computes probabilities: auto (default: onnxruntime when installed, else PyTorch; same answers "
+                        "within 1e-5, about twice the throughput), torch, or onnx (the checkpoint is exported to the cache once); "
+                        "Grad-CAM heatmaps always use the PyTorch model")
     p.add_argument("--api-key", default=None, help=f"require this key on every /v1 route (default: ${ENV_API_KEY} if set)")
     p.add_argument("--max-upload-mb", type=float, default=50.0, help="largest accepted upload in MB (default 50)")
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
