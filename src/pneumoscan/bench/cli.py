@@ -174,7 +174,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--image", action="append", required=True, help="upload (repeatable)")
     s.add_argument("--requests", type=int, default=40)
     s.add_argument("--concurrency", type=int, default=4)
-    s.add_argument("--backends", default="torch-fp32,torch-bf16,onnx-int8")
+    s.add_argument("--backends", default="onnx-fp32,torch-fp32,torch-bf16,onnx-int8")
     s.add_argument("--int8", help="vetted int8 ONNX model")
     s.add_argument("--no-guard", action="store_true", help="skip the not-a-chest-X-ray guard")
     common(s)

@@ -137,7 +137,7 @@ def run_serve_benchmark(
     *,
     requests: int = 40,
     concurrency: int = 4,
-    backends: Sequence[str] = ("torch-fp32", "torch-bf16", "onnx-int8"),
+    backends: Sequence[str] = ("onnx-fp32", "torch-fp32", "torch-bf16", "onnx-int8"),
     int8: str | Path | None = None,
     guard: bool = True,
     batch_size: int = 8,
@@ -149,7 +149,8 @@ def run_serve_benchmark(
         images: uploads, sent in turn (e.g. one 2,000-px JPEG and one 224-px JPEG).
         requests: sequential requests per variant (latency percentiles).
         concurrency: clients of the throughput burst (``requests`` requests in all).
-        backends: service backends (``torch-fp32`` is what ``pneumoscan serve`` runs today).
+        backends: service backends (``onnx-fp32`` is what ``pneumoscan serve`` runs by
+            default when onnxruntime is installed, ``torch-fp32`` with ``--backend torch``).
         int8: vetted int8 ONNX model; otherwise quantised in the run (speed only).
         guard: run the not-a-chest-X-ray guard as the service does by default.
         batch_size: Predictor batch size.
