@@ -77,26 +77,17 @@ class Bf16Predictor(Predictor):
 
 
 def ort_session(path: str | Path, threads: int | None = None) -> Any:
-    """An ONNX Runtime CPU session for ``path`` with all graph optimisations.
+    """An ONNX Runtime CPU session for ``path`` (any ONNX file, e.g. an intermediate of the
+    quantiser) with the backend's settings.
 
     Args:
         path: the ``.onnx`` file.
-        threads: intra-op threads (default: torch's thread count, so that ``OMP_NUM_THREADS``
-            or ``torch.set_num_threads`` governs both engines alike).
+        threads: intra-op threads (default: torch's thread count, so that ``--threads`` or
+            ``OMP_NUM_THREADS`` governs both engines alike).
     """
-    try:
-        import onnxruntime as ort
-    except ImportError as e:
-        raise ConfigError("the ONNX backends need onnxruntime: pip install 'pneumoscan[onnx]'") from e
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.intra_op_num_threads = int(threads or torch.get_num_threads())
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    try:
-        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
-        raise ModelError(f"{path}: onnxruntime cannot load this model ({str(e).splitlines()[0][:200]})") from e
+    from ..inference.onnx_backend import cpu_session
+
+    return cpu_session(path, threads or torch.get_num_threads())
 
 
 def fast_predictor(

@@ -32,7 +32,7 @@ import numpy as np
 
 from ..data.io import ImageSource, read_image_with_meta
 from ..errors import ConfigError
-from .features import _percentiles, image_features
+from .features import image_features, percentiles
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +244,7 @@ class Guard:
             return "colour", f"colour image ({share:.0f}% coloured pixels); X-rays are greyscale"
         step = max(1, max(image.shape) // 256)
         sub = np.nan_to_num(image[::step, ::step].astype(np.float32))
-        lo, hi = _percentiles(sub, (1, 99))
+        lo, hi = percentiles(sub, (1, 99))
         if hi - lo < r["min_contrast"]:
             return "blank", "blank image (no contrast)"
         return None

@@ -48,7 +48,7 @@ def _corr(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.einsum("i,i->", a, b)) / den if den > 1e-12 else 0.0
 
 
-def _percentiles(x: np.ndarray, qs: tuple[float, ...]) -> np.ndarray:
+def percentiles(x: np.ndarray, qs: tuple[float, ...]) -> np.ndarray:
     """``np.percentile(x, qs)`` (linear interpolation, float64 results) from one sort of
     ``x``: the same values, and NumPy's vectorised sort beats its partition several times over
     for the 10⁴–10⁵ pixels the guard looks at."""
@@ -144,7 +144,7 @@ def image_features(img: np.ndarray, meta: dict[str, Any] | None = None, template
     sd = x.std()
     f["mean"] = float(x.mean())
     f["std"] = float(sd)
-    for q, v in zip(PERCENTILES, _percentiles(x, PERCENTILES)):
+    for q, v in zip(PERCENTILES, percentiles(x, PERCENTILES)):
         f[f"p{q}"] = float(v)
     h64 = _hist64(x).astype(np.float64) / x.size
     # the 16 bins are sums of 4 of the 64 (their edges k/16 = 4k/64 are exact binary fractions)

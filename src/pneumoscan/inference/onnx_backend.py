@@ -84,12 +84,13 @@ def plan_threads(threads: int | None = None, lanes: int | None = None) -> tuple[
     return lanes, max(1, threads // lanes)
 
 
-def open_session(path: str | Path, threads: int | None = None) -> Any:
-    """An onnxruntime CPU session on a pneumoscan ONNX file.
+def cpu_session(path: str | Path, threads: int | None = None) -> Any:
+    """An onnxruntime CPU session on any ONNX file (all graph optimisations, ``threads``
+    intra-op threads, idle threads not spinning).
 
     Raises:
         ConfigError: onnxruntime is not installed.
-        CheckpointError: missing file, not a loadable ONNX model, or not exported by pneumoscan.
+        CheckpointError: missing file or not a loadable ONNX model.
     """
     try:
         import onnxruntime as ort
@@ -105,12 +106,33 @@ def open_session(path: str | Path, threads: int | None = None) -> Any:
     if os.environ.get("PNEUMOSCAN_ORT_SPIN", "0") == "0":
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
-        sess = ort.InferenceSession(str(p), sess_options=opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(p), sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
         raise CheckpointError(f"{p}: not a loadable ONNX model ({str(e).splitlines()[0][:160] if str(e) else e.__class__.__name__})") from e
+
+
+def open_session(path: str | Path, threads: int | None = None) -> Any:
+    """A :func:`cpu_session` on a file written by ``pneumoscan export``.
+
+    Raises:
+        ConfigError: onnxruntime is not installed.
+        CheckpointError: missing file, not a loadable ONNX model, or not exported by pneumoscan.
+    """
+    sess = cpu_session(path, threads)
     if session_metadata(sess).get("pneumoscan.format") != ONNX_FORMAT:
-        raise CheckpointError(f"{p}: not exported by pneumoscan (no {ONNX_FORMAT} metadata); use 'pneumoscan export'")
+        raise CheckpointError(f"{path}: not exported by pneumoscan (no {ONNX_FORMAT} metadata); use 'pneumoscan export'")
     return sess
+
+
+def open_export_of(path: str | Path, sha: str, threads: int | None = None) -> Any:
+    """A session on ``path`` if it is a pneumoscan export of the checkpoint whose file hashes to
+    ``sha``; ``None`` when it is not (another checkpoint, unreadable, not a pneumoscan file)."""
+    try:
+        sess = open_session(path, threads)
+    except CheckpointError as e:
+        log.debug("ignoring %s (%s)", path, e)
+        return None
+    return sess if session_metadata(sess).get("source_sha256") == sha else None
 
 
 def session_metadata(session: Any) -> dict[str, str]:
@@ -201,7 +223,11 @@ class OnnxPredictor(Predictor):
             CheckpointError: missing file, not ONNX, or not exported by pneumoscan.
         """
         lanes, intra = plan_threads(threads, lanes)
-        sess = open_session(path, intra)
+        return cls._from_session(path, open_session(path, intra), lanes=lanes, **kwargs)
+
+    @classmethod
+    def _from_session(cls, path: str | Path, sess: Any, **kwargs: Any) -> "OnnxPredictor":
+        """A predictor on an open session of a pneumoscan export (calibration from its metadata)."""
         meta = session_metadata(sess)
         try:
             pre = Preprocessing.from_dict(json.loads(meta["preprocessing"]))
@@ -219,7 +245,7 @@ class OnnxPredictor(Predictor):
                 with contextlib.suppress(ValueError):
                     info[key] = json.loads(meta[key])
         return cls(path, pre, threshold=threshold, temperature=temperature, name=meta.get("weight_name") or Path(path).stem,
-                   metadata=info, session=sess, lanes=lanes, **kwargs)
+                   metadata=info, session=sess, **kwargs)
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict[str, Any] | str | Path, *, cache: str | Path | None = None, **kwargs: Any) -> "OnnxPredictor":
@@ -238,14 +264,17 @@ class OnnxPredictor(Predictor):
         sha = sha256_of_checkpoint(ckpt) or "unhashed"
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in args["name"])[:80]
         target = export_dir(cache) / f"{safe}-{sha[:16]}.onnx"
-        if sha == "unhashed" or not target.is_file() or _stale(target, sha):
+        lanes, intra = plan_threads(kwargs.pop("threads", None), kwargs.pop("lanes", None))
+        sess = open_export_of(target, sha, intra) if sha != "unhashed" and target.is_file() else None
+        if sess is None:
             log.info("exporting %s to ONNX (%s)", args["name"], target)
             export_onnx(ckpt, target)
+            sess = open_session(target, intra)
         else:
             log.debug("using cached ONNX export %s", target)
         model = model_from_checkpoint(ckpt)
         pre = args.pop("preprocessing")
-        return cls(target, pre, torch_model=model, **args, **kwargs)
+        return cls(target, pre, torch_model=model, session=sess, lanes=lanes, **args, **kwargs)
 
 
 def export_dir(cache: str | Path | None = None) -> Path:
@@ -297,14 +326,12 @@ def cached_predictor(checkpoint: str | Path | None, *, cache: str | Path | None 
     except ImportError:
         return None
     path, sha = resolve_checkpoint_file(checkpoint)
+    lanes, intra = plan_threads(kwargs.pop("threads", None), kwargs.pop("lanes", None))
     for f in sorted(export_dir(cache).glob(f"*-{sha[:16]}.onnx")):
-        try:
-            pred = OnnxPredictor.from_onnx(f, **kwargs)
-        except CheckpointError as e:
-            log.debug("ignoring cache entry %s (%s)", f, e)
+        sess = open_export_of(f, sha, intra)
+        if sess is None:
             continue
-        if pred.metadata.get("file_sha256") != sha:
-            continue
+        pred = OnnxPredictor._from_session(f, sess, lanes=lanes, **kwargs)
         pred._torch_model_loader = _model_loader(checkpoint, sha)
         # the metadata a predictor built from the checkpoint itself has (model card lookup, ...)
         pred.metadata["_path"] = str(path)
@@ -326,10 +353,3 @@ def _model_loader(checkpoint: str | Path | None, sha: str) -> Callable[[], nn.Mo
         return model_from_checkpoint(ckpt)
 
     return load
-
-
-def _stale(path: Path, sha: str) -> bool:
-    try:
-        return session_metadata(open_session(path, 1)).get("source_sha256") != sha
-    except Exception:  # noqa: BLE001 - an unreadable cache entry is re-exported
-        return True
