@@ -12,7 +12,7 @@ from sklearn import metrics as skm
 
 from pneumoscan.errors import CheckpointError, ConfigError, DataError
 from pneumoscan.evaluation import metrics as M
-from pneumoscan.evaluation.calibration import (
+from pneumoscan.core.calibration import (
     calibration_summary, fit_temperature, logit, recalibrate, reliability_curve, sigmoid,
 )
 

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO_ROOT, CliResult, run_cli_in_process
-from pneumoscan.evaluation.metrics import METRIC_KEYS
+from pneumoscan.core.metrics import METRIC_KEYS
 from pneumoscan.training.checkpoint import load_checkpoint
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -190,8 +190,8 @@ def test_training_writes_a_model_card(tiny_run: Path) -> None:
 
 # --------------------------------------------------------------------------- calibrate
 def test_calibrate_rederives_the_operating_point(tiny_run: Path, tmp_path: Path, cli: Callable[..., CliResult]) -> None:
-    from pneumoscan.evaluation.calibration import sigmoid
-    from pneumoscan.evaluation.metrics import threshold_metrics
+    from pneumoscan.core.calibration import sigmoid
+    from pneumoscan.core.metrics import threshold_metrics
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)

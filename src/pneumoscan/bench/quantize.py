@@ -266,7 +266,7 @@ def quantize_checkpoint(
         ModelError: the int8 model changes validation AUC by more than ``max_auc_drop``
             (nothing is written to ``out``).
     """
-    from ..evaluation.calibration import sigmoid
+    from ..core.calibration import sigmoid
     from ..training.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(checkpoint)

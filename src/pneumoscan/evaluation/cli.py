@@ -28,7 +28,7 @@ def _positive_resamples(value: str) -> int:
 
 # --------------------------------------------------------------------------- evaluate
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from .metrics import format_value
+    from ..core.metrics import format_value
     from .report import evaluate_model
 
     r = evaluate_model(
@@ -51,7 +51,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- calibrate
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from ..training.checkpoint import load_checkpoint, save_checkpoint
-    from .calibration import calibration_summary, recalibrate
+    from ..core.calibration import calibration_summary, recalibrate
 
     ckpt = load_checkpoint(args.checkpoint)
     src = Path(ckpt["_path"])

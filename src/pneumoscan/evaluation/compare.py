@@ -20,7 +20,7 @@ import numpy as np
 from ..data.datasets import CLASS_NAMES
 from ..errors import DataError
 from ..utils.io import atomic_write_text
-from .metrics import DEFAULT_RESAMPLES, METRIC_LABELS, bootstrap_metrics, delong_test, format_value, paired_bootstrap_auc
+from ..core.metrics import DEFAULT_RESAMPLES, METRIC_LABELS, bootstrap_metrics, delong_test, format_value, paired_bootstrap_auc
 from .report import _jsonable, html_page, run_history, html_table, img_data_uri, load_model, md_table, predict_samples, resolve_samples
 
 log = logging.getLogger(__name__)

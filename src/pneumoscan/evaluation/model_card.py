@@ -16,8 +16,8 @@ import numpy as np
 import yaml
 
 from ..utils.io import atomic_write_text
-from .calibration import calibration_summary, sigmoid
-from .metrics import METRIC_KEYS, METRIC_LABELS, bootstrap_metrics, format_value
+from ..core.calibration import calibration_summary, sigmoid
+from ..core.metrics import METRIC_KEYS, METRIC_LABELS, bootstrap_metrics, format_value
 
 log = logging.getLogger(__name__)
 

@@ -158,8 +158,8 @@ def plot_reliability(
     """
     import numpy as np
 
-    from .calibration import reliability_curve
-    from .metrics import expected_calibration_error
+    from ..core.calibration import reliability_curve
+    from ..core.metrics import expected_calibration_error
 
     fig, (ax, axh) = plt.subplots(2, 1, figsize=(5.2, 6.0), gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfect calibration")

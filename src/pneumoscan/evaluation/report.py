@@ -33,8 +33,8 @@ import yaml
 from ..data.datasets import CLASS_NAMES, Sample, load_samples, read_manifest
 from ..errors import DataError, PneumoscanError
 from ..utils.io import atomic_write_text
-from .calibration import calibration_summary, logit, sigmoid
-from .metrics import (
+from ..core.calibration import calibration_summary, logit, sigmoid
+from ..core.metrics import (
     DEFAULT_RESAMPLES, METRIC_KEYS, METRIC_LABELS, bootstrap_metrics, expected_calibration_error, format_value,
 )
 
@@ -305,7 +305,7 @@ def write_plots(
         p: their calibrated probabilities.
         raw_p: their uncalibrated (``T = 1``) probabilities.
         thr: operating threshold.
-        sections: :func:`~pneumoscan.evaluation.metrics.bootstrap_metrics` output.
+        sections: :func:`~pneumoscan.core.metrics.bootstrap_metrics` output.
         ckpt: checkpoint dict (temperature, training history).
         rows: readable prediction rows (for the error grid's images).
         n_errors: images per row of the error grid.

@@ -18,7 +18,7 @@ from ..config import TrainConfig, load_preset
 from ..data.datasets import Sample, load_samples, read_manifest, write_manifest
 from ..errors import ConfigError, DataError, PneumoscanError, WeightsError
 from ..utils.io import atomic_write_text
-from .metrics import DEFAULT_RESAMPLES
+from ..core.metrics import DEFAULT_RESAMPLES
 
 log = logging.getLogger(__name__)
 

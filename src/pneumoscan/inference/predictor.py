@@ -30,7 +30,7 @@ import numpy as np
 from ..data.io import ImageSource, read_image, read_image_with_meta
 from ..data.preprocessing import Preprocessing, preprocess_arrays
 from ..errors import ImageReadError, ModelError, PneumoscanError
-from ..evaluation.calibration import sigmoid
+from ..core.calibration import sigmoid
 from .tta import check_mode, make_views, merge_views
 
 if TYPE_CHECKING:  # PyTorch is imported only where a PyTorch model is used

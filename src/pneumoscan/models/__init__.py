@@ -1,7 +1,22 @@
-"""Models: one registry for the study's networks and modern backbones."""
+"""Models: one registry for the study's networks and modern backbones, and the trained-model
+bundle. Names are imported on first use, so :mod:`pneumoscan.models.bundle` can be used
+without importing PyTorch."""
 from __future__ import annotations
 
-from . import builders as _builders  # noqa: F401  (registers the models)
-from .registry import ModelSpec, count_parameters, create_model, get_spec, list_models, register_model
+from typing import TYPE_CHECKING
 
-__all__ = ["ModelSpec", "count_parameters", "create_model", "get_spec", "list_models", "register_model"]
+from ..utils.lazy import lazy_exports
+
+_LAZY = {
+    "ModelSpec": ".registry", "count_parameters": ".registry", "create_model": ".registry", "get_spec": ".registry",
+    "list_models": ".registry", "register_model": ".registry",
+    "ModelBundle": ".bundle", "BundleRef": ".bundle", "bundle_ref": ".bundle", "load_bundle": ".bundle", "save_bundle": ".bundle",
+}
+
+__all__ = sorted(_LAZY)
+
+if TYPE_CHECKING:
+    from .bundle import BundleRef, ModelBundle, bundle_ref, load_bundle, save_bundle
+    from .registry import ModelSpec, count_parameters, create_model, get_spec, list_models, register_model
+
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())

@@ -68,13 +68,20 @@ def register_model(
     return deco
 
 
+def _load_builtins() -> None:
+    """Register pneumoscan's own models (their module registers them on import)."""
+    from . import builders  # noqa: F401
+
+
 def list_models() -> list[str]:
     """Registered model names, sorted."""
+    _load_builtins()
     return sorted(_REGISTRY)
 
 
 def get_spec(name: str) -> ModelSpec:
     """The :class:`ModelSpec` of ``name``; unknown names raise ModelError listing the choices."""
+    _load_builtins()
     try:
         return _REGISTRY[name]
     except KeyError:

@@ -30,7 +30,7 @@ from ..data.datasets import CLASS_NAMES, Sample, XrayDataset, class_counts, load
 from ..data.splits import grouped_stratified_split
 from ..data.transforms import build_eval_transform, build_train_transform
 from ..errors import CheckpointError, ConfigError, DataError
-from ..evaluation.calibration import fit_temperature, select_threshold, sigmoid
+from ..core.calibration import fit_temperature, select_threshold, sigmoid
 from ..models import count_parameters, create_model, get_spec
 from ..utils.io import atomic_write_text
 from .checkpoint import load_checkpoint, save_checkpoint

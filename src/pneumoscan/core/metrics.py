@@ -18,6 +18,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..errors import DataError
+from .labels import CLASS_NAMES
 
 #: Threshold-dependent metrics.
 THRESHOLD_METRICS: tuple[str, ...] = ("accuracy", "precision", "recall", "sensitivity", "specificity", "npv", "f1")
@@ -31,7 +32,6 @@ METRIC_LABELS: dict[str, str] = {
     "specificity": "Specificity", "npv": "NPV", "f1": "F1", "roc_auc": "ROC-AUC", "pr_auc": "PR-AUC (AP)",
     "brier": "Brier score", "ece": "ECE",
 }
-CLASS_NAMES: tuple[str, str] = ("NORMAL", "PNEUMONIA")
 
 DEFAULT_RESAMPLES = 2000
 DEFAULT_ECE_BINS = 15
