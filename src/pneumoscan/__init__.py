@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from .errors import PneumoscanError
 from .utils.lazy import lazy_exports
 
-__version__ = "0.1.0"
+from .utils.version import __version__
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 

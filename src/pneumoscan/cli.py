@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from . import __version__
+from .utils.version import __version__
 from .errors import PneumoscanError
 from .utils.runtime import tune_malloc
 

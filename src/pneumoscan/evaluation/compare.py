@@ -77,7 +77,7 @@ def compare_models(
     Returns:
         The content of ``compare.json``.
     """
-    from .. import __version__
+    from ..utils.version import __version__
     from .plots import plot_metric_bars, plot_precision_recall, plot_roc
 
     if not sources:

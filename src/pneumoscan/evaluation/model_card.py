@@ -110,7 +110,7 @@ def render_model_card(ckpt: dict[str, Any], run_dir: str | Path | None = None, n
         n_resamples: bootstrap resamples of the validation confidence intervals.
         seed: bootstrap seed.
     """
-    from .. import __version__
+    from ..utils.version import __version__
 
     cfg = ckpt.get("config") or {}
     mcfg = cfg.get("model") or {}

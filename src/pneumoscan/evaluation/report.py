@@ -211,7 +211,7 @@ def evaluate_model(
     Returns:
         The content of ``metrics.json``.
     """
-    from .. import __version__
+    from ..utils.version import __version__
 
     out = Path(out)
     samples, used_split = resolve_samples(data, split)

@@ -63,7 +63,7 @@ def onnx_metadata(ckpt: dict[str, Any]) -> dict[str, str]:
     Args:
         ckpt: a loaded checkpoint dict (``_path`` or ``sha256`` give the source hash).
     """
-    from .. import __version__
+    from ..utils.version import __version__
     from .predictor import CLASS_NAMES, checkpoint_args
 
     args = checkpoint_args(ckpt)

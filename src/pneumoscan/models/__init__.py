@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 from ..utils.lazy import lazy_exports
 
 _LAZY = {
-    "ModelSpec": ".registry", "count_parameters": ".registry", "create_model": ".registry", "get_spec": ".registry",
-    "list_models": ".registry", "register_model": ".registry",
+    "ModelSpec": ".registry", "register_model": ".registry",
+    "count_parameters": ".factory", "create_model": ".factory", "get_spec": ".factory", "list_models": ".factory",
     "ModelBundle": ".bundle", "BundleRef": ".bundle", "bundle_ref": ".bundle", "load_bundle": ".bundle", "save_bundle": ".bundle",
 }
 
@@ -17,6 +17,7 @@ __all__ = sorted(_LAZY)
 
 if TYPE_CHECKING:
     from .bundle import BundleRef, ModelBundle, bundle_ref, load_bundle, save_bundle
-    from .registry import ModelSpec, count_parameters, create_model, get_spec, list_models, register_model
+    from .factory import count_parameters, create_model, get_spec, list_models
+    from .registry import ModelSpec, register_model
 
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())

@@ -224,7 +224,7 @@ class ModelBundle:
         """
         import torch
 
-        from .registry import create_model
+        from .factory import create_model
 
         if self.state_dict is None:
             raise CheckpointError(f"{self.name}: this model description carries no PyTorch weights")

@@ -7,7 +7,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..data.transforms import Preprocessing
+from ..data.preprocessing import Preprocessing
 from ..errors import ModelError
 
 
@@ -66,50 +66,6 @@ def register_model(
         return fn
 
     return deco
-
-
-def _load_builtins() -> None:
-    """Register pneumoscan's own models (their module registers them on import)."""
-    from . import builders  # noqa: F401
-
-
-def list_models() -> list[str]:
-    """Registered model names, sorted."""
-    _load_builtins()
-    return sorted(_REGISTRY)
-
-
-def get_spec(name: str) -> ModelSpec:
-    """The :class:`ModelSpec` of ``name``; unknown names raise ModelError listing the choices."""
-    _load_builtins()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ModelError(f"unknown model '{name}' (available: {', '.join(list_models())})") from None
-
-
-def create_model(name: str, weights: str | None = None, input_size: int | None = None, **kwargs: Any) -> nn.Module:
-    """Build a registered model.
-
-    Args:
-        name: registry name (``pneumoscan models`` lists them).
-        weights: ``None`` (random init), ``"imagenet"`` (torchvision's weights, from the torch
-            hub cache when offline) or a path to a state-dict file.
-        input_size: square input side (default: the model's).
-        **kwargs: builder options (e.g. ``dropout``).
-
-    Returns:
-        A module mapping ``(B, 1, S, S)`` greyscale in [0, 1] to ``(B, 1)`` logits.
-    """
-    spec = get_spec(name)
-    model = spec.builder(weights=weights, input_size=input_size or spec.input_size, **kwargs)
-    model.pneumoscan_name = name  # type: ignore[attr-defined]
-    return model
-
-
-def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
-    """Number of (trainable) parameters."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
 class InputAdapter(nn.Module):

@@ -55,7 +55,7 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import __version__
+from ..utils.version import __version__
 from ..data.io import read_image_with_meta, to_uint8
 from ..errors import ImageReadError, ImageTooLargeError, NotChestXrayError, PneumoscanError, UnsupportedFormatError
 from ..inference.predictor import Prediction, Predictor
