@@ -19,9 +19,8 @@ import torch
 
 from pneumoscan.config import TrainConfig
 from pneumoscan.errors import PneumoscanError
-from pneumoscan.inference.default_model import export_default
-from pneumoscan.training.checkpoint import load_checkpoint, save_checkpoint
-from pneumoscan.training.engine import finalize_run
+from pneumoscan.models.bundle import load_bundle, save_bundle, save_default
+from pneumoscan.workflows.train import finalize_run
 
 log = logging.getLogger("pneumoscan.ship")
 DEST = Path(__file__).resolve().parents[1] / "src" / "pneumoscan" / "assets" / "default"
@@ -37,22 +36,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run = args.run
         cfg = TrainConfig.from_yaml(run / "config.yaml")
-        best = load_checkpoint(run / "best.pt")
-        best.pop("_path", None)
-        best["state_dict"] = {k: (v.half().float() if torch.is_floating_point(v) else v) for k, v in best["state_dict"].items()}
-        best["weight_name"] = args.name
-        save_checkpoint(best, run / "best.pt")
+        best = load_bundle(run / "best.pt")
+        sd = {k: (v.half().float() if torch.is_floating_point(v) else v) for k, v in best.state_dict.items()}
+        save_bundle(best.replace(state_dict=sd, name=args.name), run / "best.pt")
         summary = finalize_run(run, cfg)
-        best = load_checkpoint(run / "best.pt")
-        hist = best["history"]
+        best = load_bundle(run / "best.pt")
+        hist = best.provenance["history"]
         extra = {
             "recipe": "pneumoscan train --preset default --data chest_xray_224",
             "trained_on": f"{sum(1 for _ in open(run / 'split_train.csv')) - 1} images of Kermany train; "
-                          f"validation {len(best['val_labels'])} images of held-out patients (patient-grouped split)",
-            "best_epoch": best["best_epoch"], "epochs": len(hist),
+                          f"validation {len(best.provenance['val_labels'])} images of held-out patients (patient-grouped split)",
+            "best_epoch": best.provenance["best_epoch"], "epochs": len(hist),
             "train_time_s": round(sum(r["epoch_time"] for r in hist)), "model_card": "MODEL_CARD.md",
         }
-        f = export_default(best, args.dest, args.name, extra)
+        f = save_default(best, args.dest, args.name, extra)
         shutil.copyfile(run / "MODEL_CARD.md", args.dest / "MODEL_CARD.md")
         log.info("shipped %s (%d bytes): %s", f, f.stat().st_size, summary["val_metrics"])
     except PneumoscanError as e:

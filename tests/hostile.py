@@ -164,7 +164,8 @@ def make_corpus(dest: str | os.PathLike[str]) -> Corpus:
         "pdf.jpg": (b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\ntrailer << /Root 1 0 R >>\n%%EOF\n", UnsupportedFormatError),
         "eps.png": (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\nshowpage\n", UnsupportedFormatError),
         "icon.png": (_pil_bytes(Image.fromarray(_ramp(32)), "ICO"), UnsupportedFormatError),
-        "random.dcm": (np.random.default_rng(7).integers(0, 256, 4096, dtype=np.uint8).tobytes(), ImageReadError),
+        # the content decides, not the name: random bytes called .dcm are not a recognised image
+        "random.dcm": (np.random.default_rng(7).integers(0, 256, 4096, dtype=np.uint8).tobytes(), UnsupportedFormatError),
         "truncated.jpeg": (jpeg[: len(jpeg) // 2], ImageReadError),
         "bomb_60000.png": (png_bytes(60_000, 60_000, idat=zlib.compress(b"\x00" * 64)), ImageTooLargeError),
         "huge_20000.png": (png_bytes(20_000, 20_000, b"\x80" * 20_000), ImageTooLargeError),

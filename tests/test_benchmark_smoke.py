@@ -115,3 +115,40 @@ def test_quantize_gate_refuses_and_writes_nothing(cli, tiny_run: Path, tmp_path:
     errors = [ln for ln in r.err_lines if ln.startswith("error:")]
     assert len(errors) == 1 and "int8 model rejected" in errors[0] and "Traceback" not in r.err
     assert not out.exists() and not list(tmp_path.glob("*.onnx"))
+
+
+def test_load_benchmark_refuses_a_non_loopback_url(cli) -> None:
+    r = cli("benchmark", "load", "--url", "http://192.0.2.1:8000")
+    assert r.code == 1
+    assert r.err_lines == ["error: --url must be an http(s) URL on a loopback address (got 'http://192.0.2.1:8000')"]
+    r = cli("benchmark", "load", "--url", "http://127.0.0.1:9", "--big", "1000")
+    assert r.code == 1 and r.err_lines == ["error: --big must be 0..200"]
+
+
+def test_load_benchmark_smoke(cli, tiny_run: Path, tmp_path: Path) -> None:
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    pytest.importorskip("httpx")
+    js = tmp_path / "load.json"
+    r = cli("benchmark", "load", "--checkpoint", tiny_run, "--backend", "torch", "--n", "1", "--json", js)
+    assert r.code == 0, r.err
+    lines = r.out.splitlines()
+    assert lines[0].startswith("server http://127.0.0.1:") and "seed_cnn" in lines[0]
+    assert lines[1].startswith("N=  1    16 requests") and "p99" in lines[1]
+    data = json.loads(js.read_text())
+    (level,) = data["levels"]
+    assert level["requests"] == 16 and sum(level["status"].values()) == 16
+    assert level["p99_ms"] >= level["p50_ms"] > 0
+
+
+@pytest.mark.slow
+def test_precision_parity_smoke(cli, xray_dir: Path, tmp_path: Path) -> None:
+    js = tmp_path / "parity.json"
+    r = cli("benchmark", "precision-parity", "--data", xray_dir, "--images", "24", "--epochs", "1", "--seeds", "0,1",
+            "--batch-size", "8", "--json", js)
+    assert r.code == 0, r.err
+    rows = json.loads(js.read_text())
+    assert [(x["seed"], x["precision"]) for x in rows] == [(0, "fp32"), (0, "bf16"), (1, "fp32"), (1, "bf16")]
+    assert all(0.0 <= x["val_auc_last_epoch"] <= 1.0 for x in rows)
+    assert r.out.splitlines()[0].startswith("machine:")
+    assert any(ln.startswith("paired bf16 - fp32 val AUC (last epoch):") for ln in r.out.splitlines())

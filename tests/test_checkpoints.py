@@ -19,7 +19,8 @@ import torch
 
 from pneumoscan.errors import CheckpointError, WeightsError
 from pneumoscan.models.weights import import_weights, load_state_dict_file, verify_file
-from pneumoscan.training.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from pneumoscan.models.bundle import ModelBundle, load_bundle, save_bundle
+from pneumoscan.models import get_spec
 from pneumoscan.utils.io import atomic_open, atomic_path, atomic_save_torch, atomic_write_bytes, atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,15 +43,14 @@ def _leftovers(folder: Path) -> list[str]:
 
 # --------------------------------------------------------------------------- loading
 def test_real_checkpoint_loads_and_rebuilds(tiny_run: Path) -> None:
-    ckpt = load_checkpoint(tiny_run)
-    assert ckpt["model_name"] == "seed_cnn" and ckpt["_path"].endswith("best.pt")
-    for key in ("state_dict", "preprocessing", "threshold", "temperature", "history", "val_metrics"):
-        assert key in ckpt
-    model = model_from_checkpoint(ckpt)
-    x = torch.rand(2, 1, ckpt["preprocessing"]["input_size"], ckpt["preprocessing"]["input_size"])
+    b = load_bundle(tiny_run)
+    assert b.arch == "seed_cnn" and b.path == tiny_run / "best.pt"
+    assert b.state_dict and b.val_metrics and b.threshold_method and "history" in b.provenance
+    model = b.build_model()
+    x = torch.rand(2, 1, b.input_size, b.input_size)
     assert model(x).shape == (2, 1)
-    last = load_checkpoint(tiny_run / "last.pt")
-    assert {"optimizer", "torch_rng"} <= set(last)
+    last = load_bundle(tiny_run / "last.pt")
+    assert {"optimizer", "torch_rng"} <= set(last.training)
 
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy-pickle"])
@@ -60,7 +60,7 @@ def test_code_carrying_checkpoint_is_refused_and_code_does_not_run(tmp_path: Pat
     torch.save({"model_name": "seed_cnn", "state_dict": {}, "extra": _Payload(marker)}, evil,
                _use_new_zipfile_serialization=not legacy)
     with pytest.raises(CheckpointError, match="refused to load"):
-        load_checkpoint(evil)
+        load_bundle(evil)
     assert not marker.exists()
     # the payload is live: an unsafe load would have run it
     torch.load(evil, weights_only=False)
@@ -72,7 +72,7 @@ def test_plain_pickle_with_code_is_refused(tmp_path: Path) -> None:
     evil = tmp_path / "evil.pt"
     evil.write_bytes(pickle.dumps({"model_name": "seed_cnn", "state_dict": _Payload(marker)}, protocol=2))
     with pytest.raises(CheckpointError):
-        load_checkpoint(evil)
+        load_bundle(evil)
     assert not marker.exists()
 
 
@@ -108,9 +108,9 @@ def test_corrupt_checkpoints_raise_checkpoint_error(tiny_run: Path, tmp_path: Pa
     for name, data in cases.items():
         (tmp_path / name).write_bytes(data)
         with pytest.raises(CheckpointError):
-            load_checkpoint(tmp_path / name)
+            load_bundle(tmp_path / name)
     with pytest.raises(CheckpointError, match="not found"):
-        load_checkpoint(tmp_path)  # a folder without best.pt
+        load_bundle(tmp_path)  # a folder without best.pt
 
 
 @pytest.mark.parametrize(
@@ -129,32 +129,33 @@ def test_malformed_checkpoints_are_refused(tmp_path: Path, ckpt: object) -> None
     f = tmp_path / "bad.pt"
     torch.save(ckpt, f)
     with pytest.raises(CheckpointError):
-        load_checkpoint(f)
+        load_bundle(f)
 
 
 def test_weights_that_do_not_fit_the_model(tiny_run: Path) -> None:
-    ckpt = load_checkpoint(tiny_run)
-    wrong = dict(ckpt, state_dict={k: v[..., :1] if v.ndim else v for k, v in ckpt["state_dict"].items()})
+    b = load_bundle(tiny_run)
+    wrong = b.replace(state_dict={k: v[..., :1] if v.ndim else v for k, v in b.state_dict.items()})
     with pytest.raises(CheckpointError, match="do not fit"):
-        model_from_checkpoint(wrong)
+        wrong.build_model()
     with pytest.raises(CheckpointError, match="do not fit"):  # a different input size changes the head
-        model_from_checkpoint(dict(ckpt, model_kwargs={"input_size": 64}))
+        b.replace(arch_kwargs={"input_size": 64}).build_model()
     with pytest.raises(CheckpointError, match="arguments do not fit"):  # cannot smuggle in weights=PATH
-        model_from_checkpoint(dict(ckpt, model_kwargs={"weights": "/tmp/other.pth"}))
+        b.replace(arch_kwargs={"weights": "/tmp/other.pth"}).build_model()
 
 
 def test_shipped_default_model_is_verified_by_sha256(tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pneumoscan.inference import default_model
+    from pneumoscan.models import bundle as mb
 
-    f = default_model.export_default(load_checkpoint(tiny_run), tmp_path, "seed_cnn-test")
-    monkeypatch.setattr(default_model, "default_model_dir", lambda: tmp_path)
-    ckpt = default_model.load_default_checkpoint()
-    assert ckpt["weight_name"] == "seed_cnn-test" and ckpt["sha256"] == hashlib.sha256(f.read_bytes()).hexdigest()
+    f = mb.save_default(load_bundle(tiny_run), tmp_path, "seed_cnn-test")
+    monkeypatch.setattr(mb, "default_model_dir", lambda: tmp_path)
+    b = load_bundle(None)
+    assert b.name == "seed_cnn-test" and b.sha256 == hashlib.sha256(f.read_bytes()).hexdigest()
+    assert not b.training and all(v.dtype != torch.float32 for v in b.state_dict.values() if torch.is_floating_point(v))
     data = bytearray(f.read_bytes())
     data[-100] ^= 0x01  # one flipped bit
     f.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="checksum"):
-        default_model.load_default_checkpoint()
+        load_bundle(None)
 
 
 # --------------------------------------------------------------------------- weights import
@@ -246,13 +247,17 @@ def test_exception_mid_write_keeps_old_file_and_leaves_no_temp(tmp_path: Path) -
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
 
 
+def _bundle(w: torch.Tensor, **provenance: object) -> ModelBundle:
+    return ModelBundle(arch="seed_cnn", preprocessing=get_spec("seed_cnn").preprocessing(64), state_dict={"w": w}, provenance=provenance)
+
+
 def test_checkpoint_save_failure_keeps_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     f = tmp_path / "last.pt"
-    save_checkpoint({"model_name": "seed_cnn", "state_dict": {"w": torch.ones(3)}}, f)
+    save_bundle(_bundle(torch.ones(3)), f)
     before = f.read_bytes()
     # 1) the object fails to serialise after a large tensor has been written
     with pytest.raises(Exception):
-        save_checkpoint({"model_name": "seed_cnn", "state_dict": {"w": torch.zeros(1_000_000)}, "bad": lambda: 0}, f)
+        save_bundle(_bundle(torch.zeros(1_000_000), bad=lambda: 0), f)
     assert f.read_bytes() == before and _leftovers(tmp_path) == []
     # 2) the disk fills up at the end of the write
     import pneumoscan.utils.io as uio
@@ -262,10 +267,10 @@ def test_checkpoint_save_failure_keeps_previous_checkpoint(tmp_path: Path, monke
 
     monkeypatch.setattr(uio.os, "fsync", full)
     with pytest.raises(CheckpointError, match="No space left"):
-        save_checkpoint({"model_name": "seed_cnn", "state_dict": {"w": torch.zeros(10)}}, f)
+        save_bundle(_bundle(torch.zeros(10)), f)
     monkeypatch.undo()
     assert f.read_bytes() == before and _leftovers(tmp_path) == []
-    assert torch.equal(load_checkpoint(f)["state_dict"]["w"], torch.ones(3))
+    assert torch.equal(load_bundle(f).state_dict["w"], torch.ones(3))
 
 
 def test_sigkill_mid_write_keeps_old_file(tmp_path: Path) -> None:

@@ -56,6 +56,28 @@ def test_no_command_prints_help_and_exits_2(cli: Callable[..., CliResult]) -> No
         assert r.code == 2 and "usage:" in r.err
 
 
+def test_help_lists_every_command_in_order_each_from_its_cli_module() -> None:
+    import argparse
+
+    from pneumoscan.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))  # noqa: SLF001
+    assert list(sub.choices) == [
+        "models", "data", "train", "weights", "serve", "evaluate", "calibrate", "compare", "reproduce", "benchmark",
+        "predict", "export", "guard",
+    ]
+
+    def actions(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+        nested = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]  # noqa: SLF001
+        return dict(nested[0].choices) if nested else {}
+
+    module = {"calibrate": "evaluate", "compare": "evaluate", "reproduce": "evaluate", "benchmark": "bench"}
+    for name, parser in sub.choices.items():
+        funcs = [p.get_default("func") for p in [parser, *actions(parser).values()] if p.get_default("func")]
+        assert funcs and {f.__module__ for f in funcs} == {f"pneumoscan.cli.{module.get(name, name)}"}, name
+    assert list(actions(sub.choices["benchmark"])) == ["train", "predict", "serve", "quantize", "load", "precision-parity"]
+
+
 def test_argparse_usage_errors_exit_2(cli: Callable[..., CliResult]) -> None:
     with pytest.raises(SystemExit) as ei:
         cli("train", "--optimizer", "rmsprop")

@@ -207,7 +207,8 @@ def test_every_field_is_documented() -> None:
 
 
 def test_cli_builds_config_from_preset_flags_and_set(tmp_path: Path) -> None:
-    from pneumoscan.cli import build_parser, build_train_config
+    from pneumoscan.cli import build_parser
+    from pneumoscan.cli.train import build_train_config
 
     args = build_parser().parse_args([
         "train", "--preset", "study_seed_cnn", "--data", str(tmp_path), "--epochs", "2", "--weights", "none",
@@ -223,7 +224,8 @@ def test_cli_builds_config_from_preset_flags_and_set(tmp_path: Path) -> None:
 
 
 def test_cli_builds_config_from_yaml_file(tmp_path: Path) -> None:
-    from pneumoscan.cli import build_parser, build_train_config
+    from pneumoscan.cli import build_parser
+    from pneumoscan.cli.train import build_train_config
 
     path = tmp_path / "run.yaml"
     path.write_text("model: {name: resnet18}\nepochs: 9\n", encoding="utf-8")

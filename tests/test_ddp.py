@@ -23,8 +23,8 @@ import torch.multiprocessing as mp
 import yaml
 
 from pneumoscan.config import TrainConfig
-from pneumoscan.training.checkpoint import load_checkpoint, model_from_checkpoint
-from pneumoscan.training.engine import state_sha256
+from pneumoscan.models.bundle import load_bundle
+from pneumoscan.training.distributed import state_sha256
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -86,8 +86,7 @@ def test_ranks_end_with_identical_weights(ddp_run: tuple[Path, list[dict]]) -> N
     assert all(r["ranks_in_sync"] for r in ranks)
     assert ranks[0]["rank_state_sha256"] == [ranks[0]["state_sha256"]] * 2
     # rank 0's checkpoint holds exactly the weights every rank ended with
-    last = load_checkpoint(out / "last.pt")
-    assert state_sha256(model_from_checkpoint(last)) == ranks[0]["state_sha256"]
+    assert state_sha256(load_bundle(out / "last.pt").build_model()) == ranks[0]["state_sha256"]
 
 
 def test_ddp_run_logs_world_size_and_shards_data(ddp_run: tuple[Path, list[dict]]) -> None:
@@ -109,12 +108,12 @@ def test_ddp_run_logs_world_size_and_shards_data(ddp_run: tuple[Path, list[dict]
 
 def test_ddp_checkpoint_loads_single_process(ddp_run: tuple[Path, list[dict]], xray_dir: Path) -> None:
     out, _ = ddp_run
-    best = load_checkpoint(out)
-    model = model_from_checkpoint(best)
-    assert not any(k.startswith("module.") for k in best["state_dict"]), "DDP wrapper leaked into the checkpoint"
-    from pneumoscan.inference import Predictor
+    best = load_bundle(out)
+    model = best.build_model()
+    assert not any(k.startswith("module.") for k in best.state_dict), "DDP wrapper leaked into the checkpoint"
+    from pneumoscan.inference import load_predictor
 
-    pred = Predictor.from_checkpoint(best)
+    pred = load_predictor(best, backend="torch", guard=False)
     images = sorted((xray_dir / "val").rglob("*.jpeg"))[:3]
     probs = [p.probability for p in pred.predict_paths(images)]
     assert len(probs) == 3 and all(0.0 <= p <= 1.0 for p in probs)
@@ -140,7 +139,7 @@ def test_resume_under_torchrun_then_single_process(ddp_run: tuple[Path, list[dic
     assert [r["epoch"] for r in rows] == ["1", "2"] and [r["world_size"] for r in rows] == ["2", "2"]
     log = (run / "train.log").read_text(encoding="utf-8")
     assert log.count("final weights identical on all 2 ranks") == 2  # first run + resumed run
-    assert load_checkpoint(run / "last.pt")["epoch"] == 2
+    assert load_bundle(run / "last.pt").training["epoch"] == 2
 
     # the DDP run continues in a single process
     _set_epochs(run, 3)
@@ -150,5 +149,5 @@ def test_resume_under_torchrun_then_single_process(ddp_run: tuple[Path, list[dic
     assert summary["world_size"] == 1 and summary["epochs_run"] == 3
     rows = _history(run)
     assert [r["world_size"] for r in rows] == ["2", "2", "1"]
-    last = load_checkpoint(run / "last.pt")
-    assert last["epoch"] == 3 and state_sha256(model_from_checkpoint(last)) == summary["state_sha256"]
+    last = load_bundle(run / "last.pt")
+    assert last.training["epoch"] == 3 and state_sha256(last.build_model()) == summary["state_sha256"]

@@ -19,7 +19,8 @@ SCRIPT = textwrap.dedent("""
     import hashlib, json, sys
     import torch
     from pneumoscan.config import TrainConfig
-    from pneumoscan.training import fit, load_checkpoint
+    from pneumoscan.models.bundle import load_bundle
+    from pneumoscan.training import fit
 
     data, out = sys.argv[1], sys.argv[2]
     result = {}
@@ -29,7 +30,7 @@ SCRIPT = textwrap.dedent("""
             "deterministic": True, "device": "cpu", "progress": False,
         })
         fit(cfg, f"{out}/{name}")
-        sd = load_checkpoint(f"{out}/{name}/last.pt")["state_dict"]
+        sd = load_bundle(f"{out}/{name}/last.pt").state_dict
         h = hashlib.sha256()
         for k in sorted(sd):
             h.update(k.encode()); h.update(sd[k].float().numpy().tobytes())

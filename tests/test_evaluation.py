@@ -11,10 +11,13 @@ from PIL import Image
 from sklearn import metrics as skm
 
 from pneumoscan.errors import CheckpointError, ConfigError, DataError
-from pneumoscan.evaluation import metrics as M
+from pneumoscan.core import metrics as M
 from pneumoscan.core.calibration import (
-    calibration_summary, fit_temperature, logit, recalibrate, reliability_curve, sigmoid,
+    calibration_summary, fit_operating_point, fit_temperature, logit, reliability_curve, sigmoid,
 )
+from pneumoscan.data.preprocessing import Preprocessing
+from pneumoscan.evaluation.recalibrate import recalibrate_bundle
+from pneumoscan.models.bundle import ModelBundle
 
 
 def _scores(n: int = 300, seed: int = 0, ties: bool = True, shift: float = 1.2) -> tuple[np.ndarray, np.ndarray]:
@@ -208,35 +211,56 @@ def test_temperature_scaling_lowers_ece_of_an_overconfident_model() -> None:
     assert M.roc_auc(y, sigmoid(logits / t)) == pytest.approx(M.roc_auc(y, sigmoid(logits)))  # ranking unchanged
 
 
-def _ckpt(logits: np.ndarray, y: np.ndarray) -> dict:
-    return {"model_name": "seed_cnn", "state_dict": {}, "val_logits": logits.tolist(), "val_labels": y.tolist(),
-            "threshold": 0.5, "temperature": 1.0, "threshold_method": "youden", "_path": "/x/best.pt"}
+def test_fitted_temperature_is_the_likelihood_optimum() -> None:
+    logits, y = _overconfident(n=1500, seed=5, factor=2.5)
+    t = fit_temperature(logits, y)
+
+    def nll(temp: float) -> float:
+        q = np.clip(sigmoid(logits / temp), 1e-12, 1 - 1e-12)
+        return float(-np.mean(y * np.log(q) + (1 - y) * np.log1p(-q)))
+
+    grid = np.exp(np.linspace(np.log(t) - 0.05, np.log(t) + 0.05, 201))
+    assert nll(t) <= min(nll(g) for g in grid) + 1e-12
+    assert fit_temperature(-logits, y) == 1.0  # anti-correlated: no temperature helps
+    assert fit_temperature(np.array([-3.0, 3.0]), np.array([0, 1])) == 1.0  # separable: T -> 0 is refused
+
+
+def _bundle(logits: np.ndarray, y: np.ndarray) -> ModelBundle:
+    return ModelBundle(arch="seed_cnn", preprocessing=Preprocessing(input_size=64, in_channels=1, mean=(0.5,), std=(0.25,)),
+                       threshold=0.5, temperature=1.0, threshold_method="youden", sha256="ab" * 32, path=Path("/x/best.pt"),
+                       provenance={"val_logits": logits.tolist(), "val_labels": y.tolist()})
 
 
 def test_recalibrate_reaches_the_target_sensitivity_without_touching_the_input() -> None:
     logits, y = _overconfident(n=800, seed=2)
-    ckpt = _ckpt(logits, y)
-    new = recalibrate(ckpt, "sensitivity", 0.95)
-    assert ckpt["threshold"] == 0.5 and ckpt["temperature"] == 1.0  # input unchanged
-    assert "_path" not in new and new["threshold_method"] == "sensitivity" and new["target_sensitivity"] == 0.95
-    probs = sigmoid(np.asarray(new["val_logits"]) / new["temperature"])
-    assert M.threshold_metrics(y, probs, new["threshold"])["sensitivity"] >= 0.95
-    assert new["val_metrics"]["sensitivity"] >= 0.95
-    assert new["temperature"] == pytest.approx(4.0, rel=0.2)
-    youden = recalibrate(ckpt, "youden")
-    assert youden["threshold"] > new["threshold"]  # a sensitivity target moves the threshold down
-    kept = recalibrate(ckpt, "f1", refit_temperature=False)
-    assert kept["temperature"] == 1.0
+    b = _bundle(logits, y)
+    new = recalibrate_bundle(b, "sensitivity", 0.95)
+    assert b.threshold == 0.5 and b.temperature == 1.0 and "calibration" not in b.provenance  # input unchanged
+    assert new.path is None and new.sha256 == "" and new.name == b.name  # not the input's file any more
+    assert new.threshold_method == "sensitivity" and new.provenance["calibration"]["target_sensitivity"] == 0.95
+    probs = sigmoid(np.asarray(new.provenance["val_logits"]) / new.temperature)
+    assert M.threshold_metrics(y, probs, new.threshold)["sensitivity"] >= 0.95
+    assert new.val_metrics["sensitivity"] >= 0.95
+    assert new.temperature == pytest.approx(4.0, rel=0.2)
+    youden = recalibrate_bundle(b, "youden")
+    assert youden.threshold > new.threshold  # a sensitivity target moves the threshold down
+    assert youden.provenance["calibration"]["target_sensitivity"] is None
+    kept = recalibrate_bundle(b, "f1", refit_temperature=False)
+    assert kept.temperature == 1.0
+    op = fit_operating_point(logits, y, "f1", temperature=1.0)
+    assert (kept.threshold, kept.val_metrics) == (op.threshold, op.val_metrics)
 
 
 def test_recalibrate_errors() -> None:
     logits, y = _overconfident(n=50)
     with pytest.raises(CheckpointError):
-        recalibrate({"model_name": "x", "state_dict": {}}, "youden")
+        recalibrate_bundle(_bundle(np.zeros(0), np.zeros(0, np.int64)), "youden")
+    with pytest.raises(CheckpointError):
+        recalibrate_bundle(_bundle(logits, np.zeros_like(y)), "youden")  # a single class
     with pytest.raises(ConfigError):
-        recalibrate(_ckpt(logits, y), "median")
+        recalibrate_bundle(_bundle(logits, y), "median")
     with pytest.raises(ConfigError):
-        recalibrate(_ckpt(logits, y), "sensitivity", 1.5)
+        recalibrate_bundle(_bundle(logits, y), "sensitivity", 1.5)
 
 
 # --------------------------------------------------------------------------- plots

@@ -26,9 +26,9 @@ from pneumoscan.utils.io import sha256_file
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
-from pneumoscan.inference.onnx_backend import (  # noqa: E402
-    OnnxPredictor, cached_predictor, checkpoint_file_sha256, export_dir, plan_threads,
-)
+from pneumoscan.inference.onnx_cache import export_dir, open_cached_export  # noqa: E402
+from pneumoscan.inference.runners import OnnxRunner, plan_threads  # noqa: E402
+from pneumoscan.models.bundle import bundle_ref  # noqa: E402
 
 REPO_SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -37,8 +37,8 @@ REPO_SRC = Path(__file__).resolve().parents[1] / "src"
 def cache(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A cache folder holding the tiny run's ONNX export (made through the PyTorch path)."""
     d = tmp_path_factory.mktemp("cache")
-    p = OnnxPredictor.from_checkpoint(tiny_run, cache=d)
-    assert p.onnx_path.parent == export_dir(d)
+    p = load_predictor(tiny_run, backend="onnx", cache=d)
+    assert p.runner.path.parent == export_dir(d) and p.bundle.state_dict is not None  # exported now
     return d
 
 
@@ -67,43 +67,45 @@ def test_predict_with_cached_export_never_imports_torch(tiny_run: Path, cache: P
 
 
 def test_cached_predictor_loads_torch_model_only_for_gradcam(tiny_run: Path, cache: Path, fullres_dir: Path) -> None:
-    p = cached_predictor(tiny_run, cache=cache)
-    assert p is not None and p.backend == "onnx"
-    assert p._torch_model is None  # nothing loaded yet
+    p = load_predictor(tiny_run, backend="onnx", cache=cache)
+    assert p.backend == "onnx" and p.bundle.state_dict is None  # the fast path: described by the export's metadata
+    assert p.bundle.sha256 == sha256_file(tiny_run / "best.pt") and p.bundle.path == tiny_run / "best.pt"
+    assert p.torch_model.available and not p.torch_model.loaded  # nothing loaded yet
     img = read_image(next(fullres_dir.glob("*.jpeg")))
     cam = p.explain(img)
-    assert p._torch_model is not None
+    assert p.torch_model.loaded
     ref = load_predictor(tiny_run, backend="torch").explain(img)
     assert cam.shape == img.shape and np.allclose(cam, ref, atol=1e-5)
 
 
 def test_cache_entries_must_match_the_checkpoint(tiny_run: Path, cache: Path, tmp_path: Path) -> None:
-    sha = checkpoint_file_sha256(tiny_run)
-    assert sha == sha256_file(tiny_run / "best.pt") == checkpoint_file_sha256(tiny_run / "best.pt")
+    sha = bundle_ref(tiny_run).sha256
+    assert sha == sha256_file(tiny_run / "best.pt") == bundle_ref(tiny_run / "best.pt").sha256
     # another checkpoint (a copy with one byte of difference) finds no export
     other = tmp_path / "other.pt"
     shutil.copyfile(tiny_run / "best.pt", other)
     with other.open("ab") as fh:
         fh.write(b"\0")
-    assert cached_predictor(other, cache=cache) is None
+    assert open_cached_export(other, cache=cache) is None
     # a file named like the export but not carrying the checkpoint's hash is ignored
     fake = tmp_path / "fake"
-    target = export_dir(fake) / f"x-{checkpoint_file_sha256(other)[:16]}.onnx"
+    target = export_dir(fake) / f"x-{bundle_ref(other).sha256[:16]}.onnx"
     target.parent.mkdir(parents=True)
     shutil.copyfile(next(export_dir(cache).glob("*.onnx")), target)
-    (target.parent / f"y-{checkpoint_file_sha256(other)[:16]}.onnx").write_bytes(b"garbage")
-    assert cached_predictor(other, cache=fake) is None
+    (target.parent / f"y-{bundle_ref(other).sha256[:16]}.onnx").write_bytes(b"garbage")
+    assert open_cached_export(other, cache=fake) is None
     # with no cache the regular path exports once and the next load is the fast one
-    assert cached_predictor(tiny_run, cache=tmp_path / "empty") is None
-    assert isinstance(load_predictor(tiny_run, backend="onnx"), OnnxPredictor)
+    assert open_cached_export(tiny_run, cache=tmp_path / "empty") is None
+    assert isinstance(load_predictor(tiny_run, backend="onnx", cache=tmp_path / "empty").runner, OnnxRunner)
+    assert open_cached_export(tiny_run, cache=tmp_path / "empty") is not None
 
 
 def test_lanes_give_the_same_logits(cache: Path, xray_dir: Path) -> None:
     f = next(export_dir(cache).glob("*.onnx"))
     imgs = [read_image(p) for p in sorted(xray_dir.rglob("*.jpeg"))[:11]]
-    one = OnnxPredictor.from_onnx(f, threads=1, batch_size=11)
-    four = OnnxPredictor.from_onnx(f, threads=4, lanes=4, batch_size=11)
-    assert one.lanes == 1 and four.lanes == 4
+    one = load_predictor(onnx=f, threads=1, batch_size=11)
+    four = load_predictor(onnx=f, threads=4, lanes=4, batch_size=11)
+    assert one.runner.lanes == 1 and four.runner.lanes == 4
     assert np.allclose(one.probabilities(imgs), four.probabilities(imgs), atol=1e-6)
     assert plan_threads(2) == (2, 1) and plan_threads(16) == (4, 4) and plan_threads(8, 1) == (1, 8) and plan_threads(1, 3) == (1, 1)
 

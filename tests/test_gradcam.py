@@ -13,7 +13,8 @@ from PIL import Image
 from pneumoscan.data.io import read_image
 from pneumoscan.data.transforms import preprocess_batch
 from pneumoscan.errors import ModelError
-from pneumoscan.explain import GradCAM, overlay, resize_map, save_overlay
+from pneumoscan.core.imaging import overlay, resize_float
+from pneumoscan.explain import GradCAM, save_overlay
 from pneumoscan.models import create_model, get_spec, list_models
 
 #: Small inputs keep the big backbones fast on a CPU; every model accepts a multiple of 32.
@@ -109,4 +110,4 @@ def test_overlay_colours_only_where_the_map_is_high() -> None:
     left, right = rgb[:, :20].astype(int), rgb[:, -20:].astype(int)
     assert (left.max(axis=2) - left.min(axis=2)).max() <= 1  # grey where the map is 0
     assert (right[..., 0] - right[..., 2]).mean() > 50  # red where the map is 1
-    assert resize_map(cam, 40, 60).shape == (40, 60)
+    assert resize_float(cam, 40, 60).shape == (40, 60)

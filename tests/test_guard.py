@@ -16,8 +16,8 @@ from pneumoscan.errors import ConfigError
 from pneumoscan.guard import Guard, check
 from pneumoscan.guard.core import default_guard_path
 from pneumoscan.guard.features import feature_names, image_features
-from pneumoscan.guard.synth import GENERATORS, encode, generate
-from pneumoscan.inference.cli import sample_files
+from pneumoscan.workflows.guard_synth import GENERATORS, encode, generate
+from pneumoscan.cli.predict import sample_files
 
 #: Seeds far from the ones ``guard fit`` uses.
 TEST_SEEDS = range(2_000_000_000, 2_000_000_004)
@@ -134,7 +134,8 @@ def test_malformed_parameters_raise_config_error(tmp_path: Path) -> None:
 def test_fit_pipeline_on_a_small_set(xray_dir: Path, fullres_dir: Path) -> None:
     """Fit the classifier on fixture X-rays and generated images; the measurement uses
     only held-out ones and the written parameters load as a Guard."""
-    from pneumoscan.guard.fit import Item, _file_loader, _placeholder_guard, _synth_loader, featurise, fit_rows
+    from pneumoscan.workflows.guard_fit import _placeholder_guard, featurise, fit_rows
+    from pneumoscan.workflows.guard_sources import Item, _file_loader, _synth_loader
 
     xrays = sorted(xray_dir.rglob("*.jpeg"))
     items = [Item(1, "cxr_fit", "fit", str(p), _file_loader(p)) for p in xrays if "train" in p.parts]

@@ -15,15 +15,14 @@ import pytest
 import torch
 import yaml
 
-from pneumoscan.bench.accel import Bf16ChannelsLast
 from pneumoscan.data.datasets import XrayDataset, load_samples
 from pneumoscan.data.io import read_image
 from pneumoscan.data.transforms import build_eval_transform, preprocess_batch
 from pneumoscan.errors import ConfigError
-from pneumoscan.training.checkpoint import load_checkpoint, model_from_checkpoint
-from pneumoscan.training.engine import (
-    cpu_supports_bf16, resolve_channels_last, resolve_precision, train_one_epoch,
-)
+from pneumoscan.inference.runners import TorchRunner
+from pneumoscan.models.bundle import load_bundle
+from pneumoscan.training.loop import train_one_epoch
+from pneumoscan.training.runtime import cpu_supports_bf16, resolve_channels_last, resolve_precision
 
 CPU = torch.device("cpu")
 
@@ -52,12 +51,12 @@ def _fixture_batch(xray_dir: Path, size: int) -> torch.Tensor:
 
 
 def test_bf16_channels_last_matches_fp32_on_real_images(tiny_run: Path, xray_dir: Path) -> None:
-    ckpt = load_checkpoint(tiny_run)
-    model = model_from_checkpoint(ckpt)
-    x = _fixture_batch(xray_dir, ckpt["preprocessing"]["input_size"])
+    bundle = load_bundle(tiny_run)
+    model = bundle.build_model()
+    x = _fixture_batch(xray_dir, bundle.preprocessing.input_size)
     with torch.inference_mode():
         ref = model(x).view(-1)
-        fast = Bf16ChannelsLast(model_from_checkpoint(ckpt))(x).view(-1)
+        fast = torch.from_numpy(TorchRunner(bundle.build_model(), bf16=True).forward(x.numpy()))
     assert fast.dtype == torch.float32 and fast.shape == ref.shape
     assert torch.isfinite(fast).all()
     assert float((torch.sigmoid(fast) - torch.sigmoid(ref)).abs().max()) < 0.01
@@ -136,4 +135,4 @@ def test_cuda_fp16_amp_trains(cli, xray_dir: Path, tmp_path: Path) -> None:
             "--precision", "fp16", "--device", "cuda", "--no-progress", "--out", out)
     assert r.code == 0, r.err
     assert "precision float16" in r.err
-    assert load_checkpoint(out)["state_dict"]
+    assert load_bundle(out).state_dict

@@ -15,7 +15,7 @@ from PIL import Image
 from pneumoscan.data.io import read_image
 from pneumoscan.errors import CheckpointError
 from pneumoscan.inference import Predictor, load_predictor
-from pneumoscan.inference.cli import expand_inputs, sample_files
+from pneumoscan.cli.predict import expand_inputs, sample_files
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -134,7 +134,7 @@ def test_tta_flip_is_invariant_to_mirroring(tiny_run: Path, fullres_dir: Path) -
 
 
 def test_guard_in_predict_refuses_non_xrays(predictor: Predictor, tmp_path: Path, xray_dir: Path) -> None:
-    from pneumoscan.guard.synth import encode, generate
+    from pneumoscan.workflows.guard_synth import encode, generate
 
     doc = tmp_path / "letter.png"
     doc.write_bytes(encode(generate("document", 424_242)))
@@ -202,7 +202,7 @@ def test_cli_predict_samples_are_accepted_and_predicted(cli, tiny_run: Path) -> 
 
 def test_cli_predict_heatmaps_at_original_resolution(cli, tiny_run: Path, fullres_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "heat"
-    res = cli("predict", "--checkpoint", tiny_run, "--heatmap", out, "--format", "json", fullres_dir)
+    res = cli("predict", "--checkpoint", tiny_run, "--heatmap", out, "--heatmap-style", "overlay", "--format", "json", fullres_dir)
     assert res.code == 0, res.err
     for r in _json_lines(res.out):
         f = Path(r["heatmap_file"])
@@ -232,19 +232,19 @@ def test_expand_inputs_reports_empty_folders_and_patterns(tmp_path: Path) -> Non
 
 # ----------------------------------------------------------------------------- default model
 def _default_installed() -> bool:
-    from pneumoscan.inference.default_model import MANIFEST, default_model_dir
+    from pneumoscan.models.bundle import DEFAULT_MANIFEST, default_model_dir
 
-    return (default_model_dir() / MANIFEST).is_file()
+    return (default_model_dir() / DEFAULT_MANIFEST).is_file()
 
 
 @pytest.mark.skipif(not _default_installed(), reason="the shipped default model is not in src/pneumoscan/assets/default yet")
 def test_default_model_loads_verified_and_refuses_a_corrupted_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pneumoscan.inference import default_model as dm
+    from pneumoscan.models import bundle as dm
     from pneumoscan.utils.io import sha256_file
 
     man = dm.default_manifest()
-    ckpt = dm.load_default_checkpoint()
-    assert ckpt["sha256"] == man["sha256"] == sha256_file(dm.default_model_dir() / man["file"])
+    b = dm.load_bundle(None)
+    assert b.sha256 == man["sha256"] == sha256_file(dm.default_model_dir() / man["file"]) and b.name == man["name"]
     p = load_predictor(None)
     assert p.name == man["name"] and p.weights_id == man["sha256"][:12]
     pred = p.predict_image(sample_files()[0])
@@ -258,7 +258,7 @@ def test_default_model_loads_verified_and_refuses_a_corrupted_copy(tmp_path: Pat
     f.write_bytes(bytes(data))
     monkeypatch.setattr(dm, "default_model_dir", lambda: copy)
     with pytest.raises(CheckpointError, match="checksum"):
-        dm.load_default_checkpoint()
+        dm.load_bundle(None)
     with pytest.raises(CheckpointError, match="checksum"):
         load_predictor(None)
 
@@ -267,14 +267,14 @@ def test_predict_without_checkpoint_uses_the_default_model(cli, tmp_path: Path, 
     if _default_installed():
         res = cli("predict", "--samples", "--format", "json")
         assert res.code == 0, res.err
-        from pneumoscan.inference.default_model import default_manifest
+        from pneumoscan.models.bundle import default_manifest
 
         assert {r["model"] for r in _json_lines(res.out)} == {default_manifest()["name"]}
     else:
         res = cli("predict", "--samples")
         assert res.code == 1 and len(res.err_lines) == 1 and "default model is not installed" in res.err
     # an absent default model is one clear line, never a traceback
-    from pneumoscan.inference import default_model as dm
+    from pneumoscan.models import bundle as dm
 
     monkeypatch.setattr(dm, "default_model_dir", lambda: tmp_path)
     res = cli("predict", "--samples")

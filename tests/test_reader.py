@@ -12,7 +12,8 @@ import pydicom
 import pytest
 from PIL import Image
 
-from pneumoscan.data.io import read_image, read_image_with_meta, to_uint8
+from pneumoscan.core.imaging import to_uint8
+from pneumoscan.data.io import read_image, read_image_with_meta
 from pneumoscan.errors import ImageReadError, UnsupportedFormatError
 
 FIX = Path(__file__).resolve().parent / "fixtures"
@@ -61,7 +62,9 @@ def test_monochrome2_8bit_exact() -> None:
     a, meta = read_image_with_meta(DCM / "mono2_8bit.dcm")
     _valid(a)
     np.testing.assert_allclose(a, gen.gradient_u8() / 252.0, atol=1e-6)
+    ids = meta.pop("identifiers")
     assert meta == {"format": "DICOM", "mode": "MONOCHROME2", "bits": 8, "original_size": (64, 64), "modality": "DX", "body_part": "CHEST"}
+    assert {"StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"} <= set(ids) and "PatientName" not in ids
 
 
 def test_monochrome1_is_inverted_and_keeps_16bit_precision() -> None:
@@ -121,9 +124,10 @@ def test_palette_colour_lut_applied() -> None:
     np.testing.assert_allclose(a, 1.0 - gen.gradient_u8() / 252.0, atol=1e-6)  # the palette reverses the ramp
 
 
-def test_multiframe_reads_first_frame() -> None:
-    a = read_image(DCM / "multiframe.dcm")
-    np.testing.assert_allclose(a, gen.gradient_u8() / 252.0, atol=1e-6)
+def test_multiframe_is_refused() -> None:
+    """A multi-frame file is a series, not one radiograph (docs/security.md)."""
+    with pytest.raises(UnsupportedFormatError, match=r"multi-frame DICOM \(3 frames\) is not a single radiograph"):
+        read_image(DCM / "multiframe.dcm")
 
 
 def test_ct_modality_hounsfield_window_and_metadata() -> None:

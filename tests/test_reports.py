@@ -19,7 +19,7 @@ from PIL import Image
 
 from conftest import REPO_ROOT, CliResult, run_cli_in_process
 from pneumoscan.core.metrics import METRIC_KEYS
-from pneumoscan.training.checkpoint import load_checkpoint
+from pneumoscan.models.bundle import load_bundle
 
 CHROMIUM = Path("/usr/bin/chromium")
 PLOT_FILES = ("confusion_matrix.png", "roc.png", "pr.png", "reliability.png", "errors.png", "training_curves.png")
@@ -55,21 +55,21 @@ def test_evaluate_writes_every_report_file(report_dir: Path) -> None:
 
 def test_metrics_json_has_the_documented_keys(report_dir: Path, tiny_run: Path) -> None:
     m = json.loads((report_dir / "metrics.json").read_text())
-    ckpt = load_checkpoint(tiny_run)
-    assert m["model"] and m["temperature"] == pytest.approx(ckpt["temperature"])
-    assert m["threshold"] == pytest.approx(ckpt["threshold"])
+    b = load_bundle(tiny_run)
+    assert m["model"] == b.name and m["temperature"] == pytest.approx(b.temperature)
+    assert m["threshold"] == pytest.approx(b.threshold) and m["sha256"] == b.sha256
     assert m["bootstrap"]["resamples"] >= 1000
-    for section, thr in (("at_operating_threshold", ckpt["threshold"]), ("at_0.5", 0.5)):
+    for section, thr in (("at_operating_threshold", b.threshold), ("at_0.5", 0.5)):
         s = m[section]
         assert s["threshold"] == pytest.approx(thr)
         assert s["n"] == 8 and s["n_per_class"] == {"NORMAL": 4, "PNEUMONIA": 4}
         for k in METRIC_KEYS:
-            assert set(s[k]) == {"value", "ci95"} and len(s[k]["ci95"]) == 2, k
+            assert set(s[k]) == {"value", "ci95", "n", "ci_method"} and len(s[k]["ci95"]) == 2, k
         assert s["roc_auc"]["value"] is not None and 0 <= s["roc_auc"]["value"] <= 1
         cm = s["confusion_matrix"]["value"]
         assert sum(cm[0]) == 4 and sum(cm[1]) == 4
     val = m["calibration"]["validation"]
-    assert val["n"] == len(ckpt["val_logits"]) and val["ece_before"] is not None and val["ece_after"] is not None
+    assert val["n"] == len(b.provenance["val_logits"]) and val["ece_before"] is not None and val["ece_after"] is not None
 
 
 def test_predictions_agree_with_the_predictor_and_the_metrics(report_dir: Path, tiny_run: Path, xray_dir: Path) -> None:
@@ -80,7 +80,7 @@ def test_predictions_agree_with_the_predictor_and_the_metrics(report_dir: Path, 
     rows = list(csv.DictReader((report_dir / "predictions.csv").open()))
     assert [k for k in rows[0]] == ["path", "true_label", "probability", "predicted_label", "error"]
     assert len(rows) == 8
-    pred = load_predictor(tiny_run)
+    pred = load_predictor(tiny_run, backend="torch", guard=False)  # as evaluate predicts: every image, PyTorch
     direct = {p.path: p for p in pred.predict_paths([r["path"] for r in rows])}
     for r in rows:
         assert float(r["probability"]) == pytest.approx(direct[r["path"]].probability, abs=1e-6)
@@ -163,7 +163,7 @@ def test_evaluate_bad_input_is_one_line(args: list[str], tiny_run: Path, xray_di
 
 def test_evaluate_without_checkpoint_uses_the_default_model(xray_dir: Path, tmp_path: Path, cli: Callable[..., CliResult]) -> None:
     from pneumoscan.errors import CheckpointError
-    from pneumoscan.inference.default_model import default_manifest
+    from pneumoscan.models.bundle import default_manifest
 
     r = cli("evaluate", "--data", xray_dir / "val", "--out", tmp_path / "r", "--bootstrap", "1000", "--no-summary", "--json")
     try:
@@ -180,12 +180,13 @@ def test_evaluate_without_checkpoint_uses_the_default_model(xray_dir: Path, tmp_
 # --------------------------------------------------------------------------- model card
 def test_training_writes_a_model_card(tiny_run: Path) -> None:
     card = (tiny_run / "MODEL_CARD.md").read_text()
-    ckpt = load_checkpoint(tiny_run)
-    for needle in ("## Intended use", "not a diagnostic device", "Kermany", "CC BY 4.0", "## Validation metrics",
-                   "95% confidence intervals", "## Operating point", "## Calibration", "## Known limitations", "1–5 years",
-                   "Single site", "specificity", f"{ckpt['threshold']:.4f}", f"T = {ckpt['temperature']:.3f}"):
+    b = load_bundle(tiny_run)
+    # the data facts come from the data folder (the fixtures have no README: unknown), see test_report_round2.py
+    for needle in ("## Intended use", "not a diagnostic device", "## Training data", "unknown — supply --data-card",
+                   "## Validation metrics", "95% confidence intervals", "## Operating point", "## Calibration",
+                   "## Known limitations", "Population and site", "specificity", f"{b.threshold:.4f}", f"T = {b.temperature:.3f}", b.sha256):
         assert needle.lower() in card.lower(), needle
-    assert re.search(r"\| ROC-AUC \| \d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\] \|", card)
+    assert re.search(r"\| ROC-AUC \| \d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]( \(n=\d+\))? \|", card)
 
 
 # --------------------------------------------------------------------------- calibrate
@@ -195,21 +196,22 @@ def test_calibrate_rederives_the_operating_point(tiny_run: Path, tmp_path: Path,
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
-    before = load_checkpoint(run)
+    before = load_bundle(run)
     r = cli("calibrate", "--checkpoint", run, "--method", "sensitivity", "--target", "0.95", "--out", tmp_path / "new.pt")
     assert r.code == 0, r.err
     assert "written:" in r.out
-    new = load_checkpoint(tmp_path / "new.pt")
-    assert new["threshold_method"] == "sensitivity" and new["target_sensitivity"] == 0.95
-    y = np.asarray(new["val_labels"])
-    p = sigmoid(np.asarray(new["val_logits"]) / new["temperature"])
-    assert threshold_metrics(y, p, new["threshold"])["sensitivity"] >= 0.95
-    assert load_checkpoint(run)["threshold"] == before["threshold"]  # --out leaves the source alone
+    new = load_bundle(tmp_path / "new.pt")
+    assert new.threshold_method == "sensitivity" and new.provenance["calibration"]["target_sensitivity"] == 0.95
+    assert new.name == before.name and new.state_dict.keys() == before.state_dict.keys()
+    y = np.asarray(new.provenance["val_labels"])
+    p = sigmoid(np.asarray(new.provenance["val_logits"]) / new.temperature)
+    assert threshold_metrics(y, p, new.threshold)["sensitivity"] >= 0.95
+    assert load_bundle(run).sha256 == before.sha256  # --out leaves the source alone
     # in place: best.pt and the model card change together
-    r = cli("calibrate", "--checkpoint", run, "--method", "sensitivity", "--target", "0.95")
+    r = cli("calibrate", "--checkpoint", run, "--method", "sensitivity", "--target", "0.95", "--in-place")
     assert r.code == 0, r.err
-    assert load_checkpoint(run)["threshold"] == pytest.approx(new["threshold"])
-    assert f"{new['threshold']:.4f}" in (run / "MODEL_CARD.md").read_text()
+    assert load_bundle(run).threshold == pytest.approx(new.threshold)
+    assert f"{new.threshold:.4f}" in (run / "MODEL_CARD.md").read_text()
 
 
 def test_calibrate_bad_input(tmp_path: Path, cli: Callable[..., CliResult]) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pneumoscan.training.checkpoint import load_checkpoint
+from pneumoscan.models.bundle import load_bundle
 
 EPOCHS = 3
 TIMING = ("epoch_time", "data_time", "compute_time", "eval_time", "train_images_per_s")
@@ -59,8 +59,8 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(xray_dir: Path,
             proc.wait()
         if proc.stderr:
             proc.stderr.close()
-    last = load_checkpoint(run / "last.pt")
-    assert last["epoch"] == 1, "SIGKILL must have hit epoch 2, after epoch 1's checkpoint"
+    last = load_bundle(run / "last.pt")
+    assert last.training["epoch"] == 1, "SIGKILL must have hit epoch 2, after epoch 1's checkpoint"
     assert len(metric_rows(run)) == 1
     config_before = (run / "config.yaml").read_bytes()
 
@@ -75,9 +75,9 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(xray_dir: Path,
     assert (run / "config.yaml").read_bytes() == config_before  # same configuration
     rows = metric_rows(run)
     assert [r["epoch"] for r in rows] == [str(e) for e in range(1, EPOCHS + 1)]
-    best = load_checkpoint(run)
-    assert best["threshold_method"] is not None and "val_metrics" in best
-    assert load_checkpoint(run / "last.pt")["epoch"] == EPOCHS
+    best = load_bundle(run)
+    assert best.threshold_method is not None and best.val_metrics
+    assert load_bundle(run / "last.pt").training["epoch"] == EPOCHS
 
     # the same run without interruption: identical epochs (loss, accuracy, AUC, learning rate)
     ref = tmp_path / "uninterrupted"

@@ -29,13 +29,17 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from xray_files import xray_dicom
 
+from pneumoscan.core.imaging import heatmap_rgba
 from pneumoscan.data.io import MAX_PIXELS
 from pneumoscan.inference import Predictor, load_predictor
-from pneumoscan.serving.app import ByteBudget, ServeSettings, create_app, heatmap_rgba, sniff_format
-from pneumoscan.training import load_checkpoint
+from pneumoscan.models.bundle import load_bundle
+from pneumoscan.serving import ServeSettings, create_app
+from pneumoscan.serving.upload import ByteBudget, sniff_format
 from pneumoscan.utils.io import sha256_file
 
 REPO = Path(__file__).resolve().parent.parent
+#: TestClient's address: a Host the service accepts by default (not "testserver").
+LOOPBACK = "http://127.0.0.1"
 
 
 # ----------------------------------------------------------------------------- fixtures and helpers
@@ -51,7 +55,7 @@ def predictor(run_dir: Path) -> Predictor:
 
 @pytest.fixture(scope="module")
 def client(predictor: Predictor) -> Iterator[TestClient]:
-    with TestClient(create_app(predictor)) as c:
+    with TestClient(create_app(predictor), base_url=LOOPBACK) as c:
         yield c
 
 
@@ -174,14 +178,14 @@ def test_healthz(client: TestClient, predictor: Predictor) -> None:
 
 
 def test_model_info_matches_checkpoint(client: TestClient, run_dir: Path) -> None:
-    ckpt = load_checkpoint(run_dir)
+    bundle = load_bundle(run_dir)
     m = client.get("/v1/model").json()
-    assert m["sha256"] == sha256_file(run_dir / "best.pt")
-    assert m["model_name"] == "seed_cnn" and m["input_size"] == ckpt["preprocessing"]["input_size"]
-    assert m["operating_point"]["threshold"] == pytest.approx(ckpt["threshold"])
-    assert m["operating_point"]["temperature"] == pytest.approx(ckpt["temperature"])
-    assert m["operating_point"]["threshold_method"] == ckpt["threshold_method"]
-    for k, v in ckpt["val_metrics"].items():
+    assert m["sha256"] == sha256_file(run_dir / "best.pt") == bundle.sha256
+    assert m["model_name"] == "seed_cnn" and m["input_size"] == bundle.input_size
+    assert m["operating_point"]["threshold"] == pytest.approx(bundle.threshold)
+    assert m["operating_point"]["temperature"] == pytest.approx(bundle.temperature)
+    assert m["operating_point"]["threshold_method"] == bundle.threshold_method
+    for k, v in bundle.val_metrics.items():
         if isinstance(v, float) and np.isfinite(v):
             assert m["val_metrics"][k] == pytest.approx(v), k
     assert m["class_names"] == ["NORMAL", "PNEUMONIA"]
@@ -196,7 +200,7 @@ def test_model_info_matches_checkpoint(client: TestClient, run_dir: Path) -> Non
 def test_model_card_beside_checkpoint_is_served(tmp_path: Path, run_dir: Path) -> None:
     (tmp_path / "best.pt").write_bytes((run_dir / "best.pt").read_bytes())
     (tmp_path / "MODEL_CARD.md").write_text("# seed_cnn card\nFor research only.\n", encoding="utf-8")
-    with TestClient(create_app(load_predictor(tmp_path))) as c:
+    with TestClient(create_app(load_predictor(tmp_path)), base_url=LOOPBACK) as c:
         assert c.get("/v1/model").json()["model_card"] == "# seed_cnn card\nFor research only.\n"
 
 
@@ -351,7 +355,7 @@ def colour_photo_png() -> bytes:
 def test_guard_refusals_are_200_with_a_reason(run_dir: Path, fixtures_dir: Path, normal_jpeg: Path) -> None:
     guarded = load_predictor(run_dir)
     guarded.guard = rules_only_guard()  # type: ignore[attr-defined]
-    with TestClient(create_app(guarded)) as c:
+    with TestClient(create_app(guarded), base_url=LOOPBACK) as c:
         assert c.get("/v1/model").json()["capabilities"]["guard"] is True
         r = _post(c, colour_photo_png(), "holiday.png", "image/png", "?heatmap=true")
         assert r.status_code == 200, r.text
@@ -362,7 +366,7 @@ def test_guard_refusals_are_200_with_a_reason(run_dir: Path, fixtures_dir: Path,
         assert "CT" in body["refused"] and body["probability"] is None
         ok = _post(c, normal_jpeg.read_bytes()).json()
         assert ok["refused"] is None and ok["extra"]["guard_score"] > 0.5 and 0.0 <= ok["probability"] <= 1.0
-    with TestClient(create_app(guarded, ServeSettings(guard=False))) as c:
+    with TestClient(create_app(guarded, ServeSettings(guard=False)), base_url=LOOPBACK) as c:
         assert c.get("/v1/model").json()["capabilities"]["guard"] is False
         assert _post(c, colour_photo_png(), "holiday.png", "image/png").json()["refused"] is None
 
@@ -382,7 +386,7 @@ def test_shipped_guard_when_installed(client: TestClient) -> None:
 # ----------------------------------------------------------------------------- every error status
 def test_413_too_large(predictor: Predictor, fullres_dir: Path) -> None:
     big = (fullres_dir / "NORMAL2-IM-1438-0001.jpeg").read_bytes()  # 171 kB
-    with TestClient(create_app(predictor, ServeSettings(max_upload_mb=0.1))) as c:
+    with TestClient(create_app(predictor, ServeSettings(max_upload_mb=0.1)), base_url=LOOPBACK) as c:
         _assert_error(_post(c, big), 413, "payload_too_large")
         assert _post(c, (fullres_dir / "person1003_virus_1685.jpeg").read_bytes()).status_code == 200  # 53 kB fits
         # declared Content-Length over the limit: refused before reading anything
@@ -447,7 +451,7 @@ def test_api_key_off_by_default(client: TestClient, normal_jpeg: Path) -> None:
 
 def test_api_key_required_on_every_v1_route(predictor: Predictor, normal_jpeg: Path) -> None:
     key = "k3y-for-tests-only"
-    with TestClient(create_app(predictor, ServeSettings(api_key=key))) as c:
+    with TestClient(create_app(predictor, ServeSettings(api_key=key)), base_url=LOOPBACK) as c:
         for r in (c.get("/v1/model"), _post(c, normal_jpeg.read_bytes()),
                   c.get("/v1/model", headers={"X-API-Key": "wrong"}),
                   c.get("/v1/model", headers={"Authorization": "Bearer wrong"}),
@@ -476,7 +480,7 @@ def test_empty_api_key_is_a_config_error(predictor: Predictor) -> None:
 def test_cors_off_unless_configured(client: TestClient, predictor: Predictor) -> None:
     r = client.get("/v1/model", headers={"Origin": "https://elsewhere.example"})
     assert "access-control-allow-origin" not in r.headers
-    with TestClient(create_app(predictor, ServeSettings(cors_origins=("https://viewer.example",)))) as c:
+    with TestClient(create_app(predictor, ServeSettings(cors_origins=("https://viewer.example",))), base_url=LOOPBACK) as c:
         ok = c.get("/v1/model", headers={"Origin": "https://viewer.example"})
         assert ok.headers["access-control-allow-origin"] == "https://viewer.example"
         other = c.get("/v1/model", headers={"Origin": "https://elsewhere.example"})
@@ -610,10 +614,10 @@ def test_live_server_path_traversal_raw(client: TestClient, predictor: Predictor
     with LiveServer(create_app(predictor)) as srv:
         for target in (b"/static/../app.py", b"/static/../../errors.py", b"/docs-assets/../core.py",
                        b"/static/%2e%2e/app.py", b"/docs-assets/../../../../../../etc/passwd", b"/static//etc/passwd"):
-            status, body = _raw_http(srv.port, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            status, body = _raw_http(srv.port, b"GET " + target + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
             assert status in (400, 404), (target, status)
             assert b"import " not in body and b"root:" not in body, target
-        status, body = _raw_http(srv.port, b"GET /static/app.js HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        status, body = _raw_http(srv.port, b"GET /static/app.js HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
         assert status == 200 and b"/v1/predict" in body
 
 

@@ -13,20 +13,19 @@ import torch
 import yaml
 
 from pneumoscan.config import TrainConfig
-from pneumoscan.data.datasets import CLASS_NAMES, load_samples, read_manifest
-from pneumoscan.training import load_checkpoint, model_from_checkpoint
+from pneumoscan.core.labels import CLASS_NAMES
+from pneumoscan.data.datasets import load_samples, read_manifest
+from pneumoscan.models.bundle import load_bundle
 from pneumoscan.training.engine import HISTORY_FIELDS
 
 if TYPE_CHECKING:
     from conftest import CliResult
 
 RUN_FILES = ("config.yaml", "history.csv", "best.pt", "last.pt", "curves.png", "split_train.csv", "split_val.csv", "train.log")
-CHECKPOINT_KEYS = {
-    "model_name", "model_kwargs", "state_dict", "config", "class_names", "preprocessing", "epoch", "best_loss",
-    "best_epoch", "history", "val_logits", "val_labels", "trainable_parameters",
+PROVENANCE_KEYS = {
+    "config", "data", "split_files", "history", "val_logits", "val_labels", "trainable_parameters", "epoch", "best_epoch", "best_loss",
 }
-BEST_ONLY = {"threshold", "temperature", "threshold_method", "val_metrics"}  # fitted on validation after training
-LAST_ONLY = {"optimizer", "scheduler", "torch_rng"}  # what --resume needs
+TRAINING_KEYS = {"optimizer", "scheduler", "torch_rng", "loader_rng", "epoch", "best_loss", "best_epoch", "bad_epochs", "stopped"}  # what --resume needs
 FAST = ["--batch-size", "8", "--no-progress", "--seed", "0"]
 
 
@@ -54,7 +53,7 @@ def test_config_yaml_is_the_resolved_config_and_loads_back(tiny_run: Path, xray_
     assert cfg.model.name == "seed_cnn" and cfg.epochs == 2 and cfg.batch_size == 8 and cfg.progress is False
     assert Path(cfg.data.root) == xray_dir
     assert cfg.to_dict() == yaml.safe_load((tiny_run / "config.yaml").read_text(encoding="utf-8"))
-    assert load_checkpoint(tiny_run / "best.pt")["config"] == cfg.to_dict()
+    assert load_bundle(tiny_run / "best.pt").provenance["config"] == cfg.to_dict()
 
 
 def test_history_has_one_row_per_epoch(tiny_run: Path) -> None:
@@ -69,26 +68,31 @@ def test_history_has_one_row_per_epoch(tiny_run: Path) -> None:
 
 
 def test_checkpoints_hold_model_optimizer_and_operating_point(tiny_run: Path) -> None:
-    best = load_checkpoint(tiny_run / "best.pt")
-    last = load_checkpoint(tiny_run / "last.pt")
-    assert CHECKPOINT_KEYS | BEST_ONLY <= set(best)
-    assert CHECKPOINT_KEYS | LAST_ONLY <= set(last)
-    assert not LAST_ONLY & set(best), "best.pt is for inference: no optimizer state"
-    assert last["optimizer"]["state"] and last["optimizer"]["param_groups"]
-    assert last["scheduler"] is not None  # plateau scheduler state
-    assert last["epoch"] == 2 and len(last["history"]) == 2
-    assert best["best_epoch"] in (1, 2) and best["epoch"] == best["best_epoch"]
-    assert best["best_loss"] == pytest.approx(min(float(r["val_loss"]) for r in _history(tiny_run)), rel=1e-4)
-    assert best["class_names"] == list(CLASS_NAMES)
-    assert best["model_name"] == "seed_cnn" and best["model_kwargs"]["input_size"] == 128
-    assert best["preprocessing"]["input_size"] == 128 and best["preprocessing"]["in_channels"] == 1
-    assert best["trainable_parameters"] == 2_524_033
-    assert 0.0 < best["threshold"] < 1.0 and best["temperature"] > 0
-    assert best["threshold_method"] == "youden"
-    vm = best["val_metrics"]
-    assert vm["n"] == len(read_manifest(tiny_run / "split_val.csv")) == len(best["val_labels"]) == len(best["val_logits"])
-    assert 0.0 <= vm["accuracy"] <= 1.0 and vm["threshold"] == best["threshold"]
-    model = model_from_checkpoint(best)
+    best = load_bundle(tiny_run / "best.pt")
+    last = load_bundle(tiny_run / "last.pt")
+    assert PROVENANCE_KEYS <= set(best.provenance) and PROVENANCE_KEYS <= set(last.provenance)
+    assert set(last.training) == TRAINING_KEYS
+    assert not best.training, "best.pt is for inference: no optimizer state"
+    assert last.training["optimizer"]["state"] and last.training["optimizer"]["param_groups"]
+    assert last.training["scheduler"] is not None  # plateau scheduler state
+    assert last.training["epoch"] == 2 and len(last.provenance["history"]) == 2
+    prov = best.provenance
+    assert prov["best_epoch"] in (1, 2) and prov["epoch"] == prov["best_epoch"]
+    assert prov["best_loss"] == pytest.approx(min(float(r["val_loss"]) for r in _history(tiny_run)), rel=1e-4)
+    assert best.class_names == CLASS_NAMES
+    assert best.arch == "seed_cnn" and best.arch_kwargs["input_size"] == 128
+    assert best.name == f"seed_cnn-res128-{tiny_run.name}"
+    assert best.preprocessing.input_size == 128 and best.preprocessing.in_channels == 1
+    assert prov["trainable_parameters"] == 2_524_033
+    n_val = len(read_manifest(tiny_run / "split_val.csv"))
+    assert prov["data"]["n_val"] == n_val and prov["data"]["n_train"] == len(read_manifest(tiny_run / "split_train.csv"))
+    assert prov["split_files"] == {"train": "split_train.csv", "val": "split_val.csv"}
+    assert 0.0 < best.threshold < 1.0 and best.temperature > 0
+    assert best.threshold_method == "youden"
+    vm = best.val_metrics
+    assert vm["n"] == n_val == len(prov["val_labels"]) == len(prov["val_logits"])
+    assert 0.0 <= vm["accuracy"] <= 1.0 and vm["threshold"] == best.threshold
+    model = best.build_model()
     assert not model.training
     assert next(model.parameters()).dtype == torch.float32
 
@@ -107,44 +111,45 @@ def test_checkpoint_reproduces_validation_logits(tiny_run: Path) -> None:
     """best.pt's model scores the validation split as recorded at training time."""
     from pneumoscan.data.datasets import XrayDataset
     from pneumoscan.data.transforms import build_eval_transform
-    from pneumoscan.training.engine import predict_logits, resolve_channels_last, resolve_precision
+    from pneumoscan.training.loop import predict_logits
+    from pneumoscan.training.runtime import resolve_channels_last, resolve_precision
 
-    best = load_checkpoint(tiny_run / "best.pt")
-    model = model_from_checkpoint(best)
+    best = load_bundle(tiny_run / "best.pt")
+    model = best.build_model()
     val = read_manifest(tiny_run / "split_val.csv")
-    size = best["preprocessing"]["input_size"]
+    size = best.preprocessing.input_size
     ds = XrayDataset(val, build_eval_transform(size), True, max(size * 2, 256))
     cpu = torch.device("cpu")
     amp = resolve_precision("auto", cpu)  # as during training (bf16 autocast where the CPU has it)
     loader = torch.utils.data.DataLoader(ds, batch_size=64)
     logits, labels = predict_logits(model, loader, cpu, amp, resolve_channels_last("auto", cpu, amp))
-    assert labels.tolist() == best["val_labels"]
-    stored = torch.tensor(best["val_logits"], dtype=torch.float64)
+    assert labels.tolist() == best.provenance["val_labels"]
+    stored = torch.tensor(best.provenance["val_logits"], dtype=torch.float64)
     torch.testing.assert_close(torch.tensor(logits, dtype=torch.float64), stored, rtol=1e-3, atol=1e-3)
 
 
 def test_weights_path_from_a_training_checkpoint(tiny_run: Path) -> None:
     from pneumoscan.models import create_model
 
-    ckpt = load_checkpoint(tiny_run / "best.pt")
-    model = create_model("seed_cnn", weights=str(tiny_run / "best.pt"), **ckpt["model_kwargs"])
-    for k, v in ckpt["state_dict"].items():
+    best = load_bundle(tiny_run / "best.pt")
+    model = create_model("seed_cnn", weights=str(tiny_run / "best.pt"), **best.arch_kwargs)
+    for k, v in best.state_dict.items():
         torch.testing.assert_close(model.state_dict()[k], v, rtol=0, atol=0)
 
 
 # ----------------------------------------------------------------------------- resume
 def test_resume_of_a_finished_run_is_a_no_op(tiny_run: Path, tmp_path: Path, cli: Callable[..., CliResult]) -> None:
     run = _copy_run(tiny_run, tmp_path / "run")
-    before = load_checkpoint(run / "last.pt")
+    before = load_bundle(run / "last.pt")
     rows_before = _history(run)
     r = cli("train", "--resume", run)
     assert r.code == 0, r.err
-    after = load_checkpoint(run / "last.pt")
+    after = load_bundle(run / "last.pt")
     assert _history(run) == rows_before
-    assert after["epoch"] == before["epoch"] == 2 and len(after["history"]) == 2
-    for k, v in before["state_dict"].items():
-        torch.testing.assert_close(after["state_dict"][k], v, rtol=0, atol=0)
-    assert load_checkpoint(run / "best.pt")["threshold"] == pytest.approx(load_checkpoint(tiny_run / "best.pt")["threshold"])
+    assert after.training["epoch"] == before.training["epoch"] == 2 and len(after.provenance["history"]) == 2
+    for k, v in before.state_dict.items():
+        torch.testing.assert_close(after.state_dict[k], v, rtol=0, atol=0)
+    assert load_bundle(run / "best.pt").threshold == pytest.approx(load_bundle(tiny_run / "best.pt").threshold)
 
 
 def test_resume_continues_from_last_checkpoint(tiny_run: Path, tmp_path: Path, cli: Callable[..., CliResult]) -> None:
@@ -158,8 +163,7 @@ def test_resume_continues_from_last_checkpoint(tiny_run: Path, tmp_path: Path, c
     rows = _history(run)
     assert [int(x["epoch"]) for x in rows] == [1, 2, 3]
     assert rows[:2] == rows_before
-    last = load_checkpoint(run / "last.pt")
-    assert last["epoch"] == 3
+    assert load_bundle(run / "last.pt").training["epoch"] == 3
     assert "resuming" in (run / "train.log").read_text(encoding="utf-8")
     assert read_manifest(run / "split_val.csv") == read_manifest(tiny_run / "split_val.csv")
 
@@ -190,11 +194,12 @@ def test_freeze_then_unfreeze_backbone(tmp_path: Path, cli: Callable[..., CliRes
     log = (run / "train.log").read_text(encoding="utf-8")
     assert f"training mobilenet_v2 ({head_only:,} trainable parameters" in log
     assert f"epoch 2: backbone unfrozen ({full:,} trainable parameters)" in log
-    last = load_checkpoint(run / "last.pt")
-    assert last["trainable_parameters"] == head_only  # counted when training started
+    last = load_bundle(run / "last.pt")
+    assert last.provenance["trainable_parameters"] == head_only  # counted when training started
     # Adam keeps per-parameter step counts: the head trained in both epochs, the backbone only in epoch 2
-    steps = sorted({int(s["step"]) for s in last["optimizer"]["state"].values()})
-    assert len(last["optimizer"]["state"]) == sum(1 for _ in create_model("mobilenet_v2", input_size=64).parameters())
+    optim = last.training["optimizer"]
+    steps = sorted({int(s["step"]) for s in optim["state"].values()})
+    assert len(optim["state"]) == sum(1 for _ in create_model("mobilenet_v2", input_size=64).parameters())
     assert len(steps) == 2 and steps[1] == 2 * steps[0]
 
 
@@ -206,16 +211,16 @@ def test_sgd_weighted_sampler_and_cosine_warmup(tmp_path: Path, cli: Callable[..
         "--set", "optim.scheduler=cosine", "--set", "optim.warmup_epochs=1",
     )
     assert r.code == 0, r.err
-    last = load_checkpoint(run / "last.pt")
-    cfg = TrainConfig.from_dict(last["config"])
+    last = load_bundle(run / "last.pt")
+    cfg = TrainConfig.from_dict(last.provenance["config"])
     assert (cfg.optim.optimizer, cfg.class_balance, cfg.optim.scheduler) == ("sgd", "sampler", "cosine")
-    group = last["optimizer"]["param_groups"][0]
+    group = last.training["optimizer"]["param_groups"][0]
     assert group["momentum"] == 0.9 and group["nesterov"] is True
-    assert all("momentum_buffer" in s for s in last["optimizer"]["state"].values())
+    assert all("momentum_buffer" in s for s in last.training["optimizer"]["state"].values())
     lrs = [float(x["lr"]) for x in _history(run)]
     assert lrs == pytest.approx([0.005, 0.01])  # one warm-up epoch at half the rate, then the cosine peak
     assert all(math.isfinite(float(x["train_loss"])) for x in _history(run))
-    assert load_checkpoint(run / "best.pt")["model_kwargs"]["input_size"] == 64
+    assert load_bundle(run / "best.pt").arch_kwargs["input_size"] == 64
 
 
 def test_official_val_source_uses_the_val_folder(tmp_path: Path, cli: Callable[..., CliResult], xray_dir: Path) -> None:
@@ -273,4 +278,4 @@ def test_train_runs_through_the_real_console_entry_point(tmp_path: Path, xray_di
     r = cli_subprocess("train", "--data", xray_dir, "--model", "seed_cnn", "--input-size", "64", "--epochs", "1", "--out", run, *FAST)
     assert r.code == 0, r.err
     assert "done:" in r.err and "validation AUC" in r.err and "Traceback" not in r.err
-    assert load_checkpoint(run)["epoch"] == 1
+    assert load_bundle(run).provenance["epoch"] == 1

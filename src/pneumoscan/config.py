@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -28,6 +29,8 @@ class DataConfig:
         cache: keep decoded uint8 images in memory (no JPEG decoding after epoch 1).
         num_workers: DataLoader workers (0 = main process).
         limit: use at most this many training images (smoke tests), 0 = all.
+        columns: a CSV manifest's own column names, ``"path=filename,label=target"`` (empty:
+            the manifest uses ``path``, ``label``, ``patient_id``, ``split``).
     """
 
     root: str = ""
@@ -38,6 +41,7 @@ class DataConfig:
     cache: bool = True
     num_workers: int = 0
     limit: int = 0
+    columns: str = ""
 
 
 @dataclass
@@ -200,10 +204,10 @@ class TrainConfig:
             parts = key.split(".")
             for p in parts[:-1]:
                 if not isinstance(node.get(p), dict):
-                    raise ConfigError(f"unknown config section '{p}' in '{key}'")
+                    raise ConfigError(f"unknown config section '{p}' in '{key}'{_did_you_mean(key)}")
                 node = node[p]
             if parts[-1] not in node:
-                raise ConfigError(f"unknown config key '{key}'")
+                raise ConfigError(f"unknown config key '{key}'{_did_you_mean(key)}")
             node[parts[-1]] = value
         return TrainConfig.from_dict(d)
 
@@ -227,6 +231,46 @@ class TrainConfig:
                 raise ConfigError(msg)
 
 
+def config_keys() -> list[str]:
+    """Every dotted key of :class:`TrainConfig` (``epochs``, ``optim.lr``, ...), in declaration order."""
+    keys: list[str] = []
+    for f in dataclasses.fields(TrainConfig):
+        sub = _SECTIONS.get(f.name)
+        keys += [f"{f.name}.{g.name}" for g in dataclasses.fields(sub)] if sub is not None else [f.name]
+    return keys
+
+
+def suggest_keys(key: str, n: int = 3) -> list[str]:
+    """Known config keys close to an unknown one, best first: the same name in another section
+    (``lr`` → ``optim.lr``), a name its words abbreviate (``optim.learning_rate`` → ``optim.lr``),
+    then similar spellings.
+
+    Args:
+        key: the unknown dotted key.
+        n: at most this many suggestions.
+    """
+    known = config_keys()
+    key = key.strip().lower()
+    leaf = key.rsplit(".", 1)[-1]
+
+    def abbrev(name: str) -> str:
+        return "".join(w[:1] for w in name.split("_") if w) if "_" in name else ""
+
+    initials = abbrev(leaf)
+    strong = [k for k in known if k != key and k.rsplit(".", 1)[-1] in (leaf, initials if len(initials) > 1 else leaf)]
+    strong += [k for k in known if len(leaf) > 1 and abbrev(k.rsplit(".", 1)[-1]) == leaf]
+    if strong:
+        return strong[:n]
+    scored = sorted(((difflib.SequenceMatcher(None, key, k).ratio(), k) for k in known), reverse=True)
+    best = scored[0][0] if scored else 0.0
+    return [k for r, k in scored if r >= max(0.6, best - 0.1)][:n]
+
+
+def _did_you_mean(key: str) -> str:
+    close = suggest_keys(key)
+    return f" (did you mean {' or '.join(repr(k) for k in close)}?)" if close else ""
+
+
 def _plain(x: Any) -> Any:
     if isinstance(x, dict):
         return {k: _plain(v) for k, v in x.items()}
@@ -243,7 +287,7 @@ def _from_dict(cls: type, d: dict[str, Any], prefix: str) -> Any:
     kwargs: dict[str, Any] = {}
     for key, value in d.items():
         if key not in fields:
-            raise ConfigError(f"unknown config key '{prefix}{key}'")
+            raise ConfigError(f"unknown config key '{prefix}{key}'{_did_you_mean(f'{prefix}{key}')}")
         sub = _SECTIONS.get(key) if cls is TrainConfig else None
         if sub is not None:
             kwargs[key] = _from_dict(sub, value or {}, f"{key}.")

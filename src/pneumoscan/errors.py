@@ -47,7 +47,3 @@ class WeightsError(PneumoscanError):
 
 class CheckpointError(PneumoscanError):
     """A checkpoint is missing, malformed or unsafe to load."""
-
-
-class NotChestXrayError(PneumoscanError):
-    """The input was refused by the not-a-chest-X-ray guard."""

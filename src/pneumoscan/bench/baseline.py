@@ -12,27 +12,26 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from ..data.io import IMAGE_SUFFIXES
+from ..models.bundle import ModelBundle
 
 
-def naive_loop(ckpt: dict[str, Any]) -> Callable[[str], float]:
+def naive_loop(bundle: ModelBundle) -> Callable[[str], float]:
     """``predict(path) -> probability`` built the naive way (fp32 eager, batch of one).
 
     Args:
-        ckpt: a loaded checkpoint (its network, temperature and input size are used).
+        bundle: a loaded model (its network, temperature and input size are used).
     """
     from PIL import Image
     from torchvision import transforms
 
-    from ..training.checkpoint import model_from_checkpoint
-
-    model = model_from_checkpoint(ckpt).eval()
-    size = int(ckpt["preprocessing"]["input_size"])
-    temperature = float(ckpt.get("temperature", 1.0))
+    model = bundle.build_model().eval()
+    size = bundle.input_size
+    temperature = bundle.temperature
     tf = transforms.Compose([transforms.Grayscale(1), transforms.Resize((size, size)), transforms.ToTensor()])
 
     def predict(path: str) -> float:
@@ -53,7 +52,7 @@ def list_images(folder: str | Path) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Predict every image of a folder with the naive loop; print one probability per line."""
     from ..errors import PneumoscanError
-    from ..training.checkpoint import load_checkpoint
+    from ..models.bundle import load_bundle
 
     ap = argparse.ArgumentParser(prog="python -m pneumoscan.bench.baseline", description=__doc__.splitlines()[0])
     ap.add_argument("folder")
@@ -61,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         t0 = time.perf_counter()
-        predict = naive_loop(load_checkpoint(args.checkpoint))
+        predict = naive_loop(load_bundle(args.checkpoint))
         files = list_images(args.folder)
         for f in files:
             print(f"{f}\t{predict(f):.6f}")

@@ -63,7 +63,7 @@ def machine_info() -> dict[str, Any]:
     """
     import torch
 
-    from ..training.engine import cpu_supports_bf16
+    from ..training.runtime import cpu_supports_bf16
 
     flags = _cpu_flags()
     info: dict[str, Any] = {

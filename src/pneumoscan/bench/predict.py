@@ -4,8 +4,8 @@ image at a time) measured in the same run.
 
 In-process variants (model/session created once, interleaved rounds over the same folder,
 all through ``Predictor.predict_paths``: threaded decoding, JPEG draft mode, batching): the
-baseline loop; the shipped Predictor (torch fp32); and the backends of
-:mod:`pneumoscan.bench.accel` (torch bf16 + channels_last, ONNX Runtime fp32 and int8).
+baseline loop; the shipped Predictor (torch fp32); and the inference backends
+(:mod:`pneumoscan.inference.runners`: torch bf16 + channels_last, ONNX Runtime fp32 and int8).
 End-to-end variants run whole processes (``python -m pneumoscan.bench.baseline`` vs
 ``pneumoscan predict``), so start-up and model loading count too. Latency is
 ``predict_image`` on one large JPEG, process warm.
@@ -30,7 +30,8 @@ import torch
 from ..data.datasets import load_samples
 from ..errors import ConfigError
 from ..utils.runtime import MMAP_THRESHOLD, TRIM_THRESHOLD
-from .accel import fast_predictor
+from ..inference import Predictor, load_predictor
+from ..models.bundle import load_bundle
 from .baseline import list_images, naive_loop
 from .common import (
     BenchReport, Stopwatch, VariantResult, children_peak_rss_mb, interleaved, machine_info, median, peak_rss_mb,
@@ -40,6 +41,22 @@ from .common import (
 log = logging.getLogger(__name__)
 
 DEFAULT_BACKENDS = ("torch-fp32", "torch-bf16", "onnx-fp32", "onnx-int8")
+#: Benchmark rows (their JSON keys) → the inference backend each one measures.
+BACKEND_OF = {"torch-fp32": "torch", "torch-bf16": "torch-bf16", "onnx-fp32": "onnx", "onnx-int8": "onnx-int8"}
+
+
+def bench_predictor(checkpoint: str | Path, row: str, *, onnx: str | Path | None = None, batch_size: int = 8) -> Predictor:
+    """The Predictor a benchmark row measures.
+
+    Args:
+        checkpoint: checkpoint file or run directory.
+        row: one of :data:`BACKEND_OF`.
+        onnx: the ONNX file of the ``onnx-*`` rows.
+        batch_size: images per forward pass.
+    """
+    if row not in BACKEND_OF:
+        raise ConfigError(f"unknown backend '{row}' (choose from {', '.join(BACKEND_OF)})")
+    return load_predictor(checkpoint, backend=BACKEND_OF[row], onnx=onnx, batch_size=batch_size, guard=False)
 
 
 def make_image_folder(data: str | Path, n: int, dest: Path, seed: int = 0) -> list[str]:
@@ -63,20 +80,6 @@ def _calibration_samples(data: str | Path, n: int, seed: int) -> list[Any]:
     except Exception:  # noqa: BLE001
         samples = load_samples(data, None)
     return random.Random(seed + 7).sample(samples, min(n, len(samples)))
-
-
-def _predict_cli_flags() -> set[str] | None:
-    """Option strings of ``pneumoscan predict`` (``None`` when the command is absent)."""
-    import argparse
-
-    from ..cli import build_parser
-
-    parser = build_parser()
-    for action in parser._actions:  # noqa: SLF001 - argparse has no public accessor
-        if isinstance(action, argparse._SubParsersAction) and "predict" in action.choices:  # noqa: SLF001
-            sub = action.choices["predict"]
-            return {s for a in sub._actions for s in a.option_strings}  # noqa: SLF001
-    return None
 
 
 #: glibc settings of the baseline's best case (what ``pneumoscan`` applies itself, see
@@ -119,7 +122,7 @@ def run_predict_benchmark(
         images: how many images go into the benchmark folder.
         latency_image: a large JPEG for single-image latency (skipped when ``None``).
         latency_runs: timed ``predict_image`` calls per variant.
-        backends: fast backends to measure (see :data:`pneumoscan.bench.accel.BACKENDS`).
+        backends: fast backends to measure (see :data:`BACKEND_OF`).
         int8: a vetted int8 ONNX file (``pneumoscan benchmark quantize``); without it the
             int8 backend is quantised in the run from the folder's images (speed only).
         rounds: interleaved rounds over the folder.
@@ -128,12 +131,12 @@ def run_predict_benchmark(
         seed: image-selection seed.
         smoke: only one ``pneumoscan predict`` process (CI check of the machinery).
     """
-    from ..training.checkpoint import load_checkpoint
-    from .quantize import export_fp32_onnx, preprocess_files, quantize_int8
+    from ..inference.onnx_export import export_onnx
+    from ..inference.quantize import preprocess_files, quantize_int8
 
     torch.set_flush_denormal(True)
-    ckpt = load_checkpoint(checkpoint)
-    size = int(ckpt["preprocessing"]["input_size"])
+    bundle = load_bundle(checkpoint)
+    size = bundle.input_size
     notes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="pneumoscan-bench-predict-") as tmpdir:
         tmp = Path(tmpdir)
@@ -146,7 +149,7 @@ def run_predict_benchmark(
         need_onnx = any(b.startswith("onnx") for b in backends)
         if need_onnx:
             with Stopwatch() as sw:
-                export_fp32_onnx(ckpt, onnx_fp32)
+                export_onnx(checkpoint, onnx_fp32)
             notes.append(f"ONNX export {sw.seconds:.1f}s")
         for b in backends:
             if b == "onnx-int8":
@@ -157,15 +160,13 @@ def run_predict_benchmark(
                         quantize_int8(onnx_fp32, path, xc)
                     notes.append(f"int8 model quantised in this run from 64 images in {sw.seconds:.1f}s (speed only; "
                                  "accuracy is checked by 'pneumoscan benchmark quantize')")
-                predictors[b] = fast_predictor(ckpt, b, onnx_path=path, batch_size=batch_size)
+                predictors[b] = bench_predictor(checkpoint, b, onnx=path, batch_size=batch_size)
             elif b == "onnx-fp32":
-                predictors[b] = fast_predictor(ckpt, b, onnx_path=onnx_fp32, batch_size=batch_size)
+                predictors[b] = bench_predictor(checkpoint, b, onnx=onnx_fp32, batch_size=batch_size)
             else:
-                predictors[b] = fast_predictor(ckpt, b, batch_size=batch_size)
-        naive = naive_loop(ckpt)
-        from ..inference.predictor import Predictor
-
-        plain = Predictor.from_checkpoint(ckpt)  # the API as it ships: torch fp32, predict_paths
+                predictors[b] = bench_predictor(checkpoint, b, batch_size=batch_size)
+        naive = naive_loop(bundle)
+        plain = load_predictor(checkpoint, backend="torch", guard=False)  # plain torch fp32 predict_paths
 
         probs: dict[str, np.ndarray] = {}
         rss: dict[str, float] = {}
@@ -244,7 +245,7 @@ def run_predict_benchmark(
         benchmark="predict",
         title=f"{len(files)} JPEGs ({size}-px model input), {rounds} interleaved rounds; latency on one large JPEG",
         machine=machine_info(),
-        settings={"checkpoint": str(ckpt.get("_path")), "model": ckpt["model_name"], "images": len(files),
+        settings={"checkpoint": str(bundle.path), "model": bundle.arch, "images": len(files),
                   "batch_size": batch_size, "rounds": rounds, "backends": ",".join(backends)},
         variants=results, notes=notes,
     ).finish()
@@ -261,38 +262,29 @@ def _end_to_end(
     int8: str | Path | None, notes: list[str], smoke: bool = False, rounds: int = 2,
 ) -> list[VariantResult]:
     """Whole-process timings, ``rounds`` interleaved rounds (median seconds): the baseline
-    script vs ``pneumoscan predict`` (when present)."""
+    script vs ``pneumoscan predict``."""
     timeout = 1800.0
     base_cmd = [sys.executable, "-m", "pneumoscan.bench.baseline", str(folder), "--checkpoint", str(checkpoint)]
-    flags = _predict_cli_flags()
     variants: list[tuple[str, str, list[str]]] = [("e2e-baseline", "process: baseline script (end to end)", base_cmd)]
     if not smoke:
         # the plain script's speed depends on glibc's dynamic mmap threshold (two modes, ~30 %
         # apart): also time it with the thresholds fixed high, its best case
         variants.append(("e2e-baseline-malloc", "process: baseline script, glibc malloc thresholds raised", base_cmd))
-    if flags is None:
-        notes.append("'pneumoscan predict' is not installed in this build: end-to-end CLI timing skipped")
-    else:
-        cli = [sys.executable, "-m", "pneumoscan", "-q", "predict", str(folder)]
-        if "--format" in flags:
-            cli += ["--format", "json"]
-        if "--no-progress" in flags:
-            cli += ["--no-progress"]
-        ckpt_args = ["--checkpoint", str(checkpoint)]
-        variants.append(("e2e-predict", "process: pneumoscan predict (default backend)", cli + ckpt_args))
-        if "--backend" in flags:
-            variants.append(("e2e-predict-torch", "process: pneumoscan predict --backend torch", cli + ckpt_args + ["--backend", "torch"]))
-            # the default backend exports the checkpoint to the ONNX cache on first use (a one-time
-            # cost of a few seconds): do that once, untimed, so the rows show steady-state use
-            with contextlib.suppress(ConfigError):
-                first = None if smoke else next(iter(sorted(p for p in Path(folder).rglob("*") if p.is_file())), None)
-                if first is not None:
-                    _run_process([sys.executable, "-m", "pneumoscan", "-q", "predict", str(first), *ckpt_args], timeout)
-        if "--onnx" in flags and "onnx-int8" in predictors:
-            path = Path(int8) if int8 else tmp / "model.int8.onnx"
-            variants.append(("e2e-predict-int8", "process: pneumoscan predict --onnx int8", cli + ["--onnx", str(path)]))
-        if "--onnx" in flags and onnx_fp32.is_file():
-            variants.append(("e2e-predict-onnx", "process: pneumoscan predict --onnx fp32", cli + ["--onnx", str(onnx_fp32)]))
+    cli = [sys.executable, "-m", "pneumoscan", "-q", "predict", str(folder), "--format", "json", "--no-progress"]
+    ckpt_args = ["--checkpoint", str(checkpoint)]
+    variants.append(("e2e-predict", "process: pneumoscan predict (default backend)", cli + ckpt_args))
+    variants.append(("e2e-predict-torch", "process: pneumoscan predict --backend torch", cli + ckpt_args + ["--backend", "torch"]))
+    # the default backend exports the checkpoint to the ONNX cache on first use (a one-time
+    # cost of a few seconds): do that once, untimed, so the rows show steady-state use
+    with contextlib.suppress(ConfigError):
+        first = None if smoke else next(iter(sorted(p for p in Path(folder).rglob("*") if p.is_file())), None)
+        if first is not None:
+            _run_process([sys.executable, "-m", "pneumoscan", "-q", "predict", str(first), *ckpt_args], timeout)
+    if "onnx-int8" in predictors:
+        path = Path(int8) if int8 else tmp / "model.int8.onnx"
+        variants.append(("e2e-predict-int8", "process: pneumoscan predict --onnx int8", cli + ["--onnx", str(path)]))
+    if onnx_fp32.is_file():
+        variants.append(("e2e-predict-onnx", "process: pneumoscan predict --onnx fp32", cli + ["--onnx", str(onnx_fp32)]))
     if smoke:
         variants, rounds = variants[:2], 1
     seconds: dict[str, list[float]] = {k: [] for k, _, _ in variants}

@@ -1,7 +1,7 @@
 """``pneumoscan benchmark serve``: request latency of the web service (``POST /v1/predict``
 through a real uvicorn server on a free loopback port) for each inference backend, against
 the hand-written baseline (torchvision fp32 eager, one image, no HTTP) on the same images in
-the same run. ``benchmarks/load.py`` is the concurrency/load test; this is the per-request
+the same run. ``pneumoscan benchmark load`` is the concurrency/load test; this is the per-request
 latency view.
 """
 from __future__ import annotations
@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from .accel import fast_predictor
 from .baseline import naive_loop
 from .common import BenchReport, VariantResult, machine_info, peak_rss_mb, percentiles, reset_peak_rss
+from .predict import bench_predictor
 
 log = logging.getLogger(__name__)
 
@@ -158,16 +158,17 @@ def run_serve_benchmark(
     try:
         import httpx  # noqa: F401 - the client process needs it
 
-        from ..serving.app import ServeSettings, create_app
+        from ..serving import ServeSettings, create_app
     except ImportError as e:
         raise ConfigError(f"the serve benchmark needs the serve extra and httpx ({e.name} missing): pip install 'pneumoscan[serve]' httpx") from e
     import tempfile
 
-    from ..training.checkpoint import load_checkpoint
-    from .quantize import export_fp32_onnx, quantize_int8
+    from ..inference.onnx_export import export_onnx
+    from ..models.bundle import load_bundle
+    from ..inference.quantize import preprocess_files, quantize_int8
 
     torch.set_flush_denormal(True)
-    ckpt = load_checkpoint(checkpoint)
+    bundle = load_bundle(checkpoint)
     paths = [Path(p) for p in images]
     for p in paths:
         if not p.is_file():
@@ -177,7 +178,7 @@ def run_serve_benchmark(
     results: list[VariantResult] = []
 
     # baseline: the naive loop on the same files, no HTTP
-    naive = naive_loop(ckpt)
+    naive = naive_loop(bundle)
     for p in paths:
         naive(str(p))
     reset_peak_rss()
@@ -198,21 +199,19 @@ def run_serve_benchmark(
             kwargs: dict[str, Any] = {"batch_size": batch_size}
             if b.startswith("onnx"):
                 if not onnx_fp32.is_file():
-                    export_fp32_onnx(ckpt, onnx_fp32)
+                    export_onnx(checkpoint, onnx_fp32)
                 if b == "onnx-int8":
                     path = Path(int8) if int8 else Path(tmp) / "model.int8.onnx"
                     if not int8 and not path.is_file():
-                        from .quantize import preprocess_files
-
                         from ..data.datasets import Sample
 
-                        xc, _ = preprocess_files([Sample(str(p), 0, "") for p in paths], int(ckpt["preprocessing"]["input_size"]))
+                        xc, _ = preprocess_files([Sample(str(p), 0, "") for p in paths], bundle.input_size)
                         quantize_int8(onnx_fp32, path, np.repeat(xc, max(1, 16 // len(xc)), axis=0))
                         notes.append("int8 model quantised in this run from the upload images (speed only)")
-                    kwargs["onnx_path"] = path
+                    kwargs["onnx"] = path
                 else:
-                    kwargs["onnx_path"] = onnx_fp32
-            predictor = fast_predictor(ckpt, b, **kwargs)
+                    kwargs["onnx"] = onnx_fp32
+            predictor = bench_predictor(checkpoint, b, **kwargs)
             app = create_app(predictor, ServeSettings(guard=guard, inference_threads=2))
             with _quiet("pneumoscan.serving"), _Server(app) as srv:
                 reset_peak_rss()
@@ -234,7 +233,7 @@ def run_serve_benchmark(
                          f"{concurrency}-client burst {v.extra['concurrent_images_per_s']:.1f} img/s")
     report = BenchReport(
         benchmark="serve", title=f"{requests} sequential POST /v1/predict per backend (+ {concurrency}-client burst)",
-        machine=machine_info(), settings={"checkpoint": str(ckpt.get("_path")), "requests": requests, "guard": guard},
+        machine=machine_info(), settings={"checkpoint": str(bundle.path), "requests": requests, "guard": guard},
         variants=results, notes=notes,
     ).finish()
     fast = [v for v in report.variants if not v.baseline and v.latency_ms]

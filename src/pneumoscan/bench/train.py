@@ -1,5 +1,5 @@
 """``pneumoscan benchmark train``: training throughput of the real engine loop
-(:func:`pneumoscan.training.engine.train_one_epoch` over a cached :class:`XrayDataset` with the
+(:func:`pneumoscan.training.loop.train_one_epoch` over a cached :class:`XrayDataset` with the
 study's augmentation) for several precision / memory-format variants, each against the fp32
 eager baseline measured in the same run (interleaved rounds).
 
@@ -25,7 +25,8 @@ from ..data.datasets import XrayDataset, class_counts, load_samples
 from ..data.transforms import build_train_transform
 from ..errors import ConfigError, WeightsError
 from ..models import create_model, get_spec
-from ..training.engine import class_weights, cpu_supports_bf16, resolve_device, train_one_epoch
+from ..training.loop import class_weights, train_one_epoch
+from ..training.runtime import cpu_supports_bf16, resolve_device
 from .common import BenchReport, Stopwatch, VariantResult, interleaved, machine_info, median, peak_rss_mb, reset_peak_rss
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ def parse_variant(key: str) -> TrainVariant:
 
 def engine_auto_variant(device: torch.device) -> str:
     """The variant ``precision=auto, channels_last=auto`` resolves to on ``device``."""
-    from ..training.engine import resolve_channels_last, resolve_precision
+    from ..training.runtime import resolve_channels_last, resolve_precision
 
     amp = resolve_precision("auto", device)
     prec = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp]

@@ -1,10 +1,19 @@
-"""Temperature scaling and operating-point (threshold) selection, fitted on validation."""
+"""Temperature scaling and operating-point (threshold) selection, fitted on validation
+logits (NumPy only)."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
+
+from ..errors import ConfigError
+
+#: Threshold rules of :func:`select_threshold`.
+THRESHOLD_METHODS: tuple[str, ...] = ("youden", "sensitivity", "f1")
+#: Fitted temperatures outside this range are treated as a failed fit (T = 1 is kept).
+_T_MIN, _T_MAX = 1e-2, 1e2
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
@@ -13,33 +22,46 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
     return np.where(x >= 0, 1.0 / (1.0 + np.exp(-np.abs(x))), np.exp(-np.abs(x)) / (1.0 + np.exp(-np.abs(x))))
 
 
-def fit_temperature(logits: Sequence[float], labels: Sequence[int], max_iter: int = 200) -> float:
+def fit_temperature(logits: Sequence[float], labels: Sequence[int], max_iter: int = 100) -> float:
     """Temperature ``T > 0`` minimising the validation negative log-likelihood of
-    ``sigmoid(logit / T)`` (Guo et al. 2017). Returns 1.0 for degenerate inputs.
+    ``sigmoid(logit / T)`` (Guo et al. 2017). Returns 1.0 for degenerate inputs and when the
+    optimum lies outside ``(0.01, 100)`` (separable or anti-correlated logits).
+
+    The likelihood is convex in ``a = 1 / T`` (a one-feature logistic regression without
+    intercept), so its optimum is the root of the derivative, bracketed in ``(1/100, 1/0.01)``
+    and found by Newton steps that fall back to bisection whenever they leave the bracket.
 
     Args:
         logits: raw model logits on the validation split.
         labels: 0/1 labels.
-        max_iter: LBFGS iterations.
+        max_iter: iterations at most.
     """
-    import torch
-
-    z = torch.as_tensor(np.asarray(logits, dtype=np.float64))
-    y = torch.as_tensor(np.asarray(labels, dtype=np.float64))
-    if z.numel() < 2 or y.min() == y.max():
+    z = np.asarray(logits, dtype=np.float64).reshape(-1)
+    y = np.asarray(labels, dtype=np.float64).reshape(-1)
+    if z.size < 2 or z.size != y.size or y.min() == y.max():
         return 1.0
-    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=max_iter, line_search_fn="strong_wolfe")
 
-    def closure() -> "torch.Tensor":
-        opt.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(z / log_t.exp(), y)
-        loss.backward()
-        return loss
+    def derivatives(a: float) -> tuple[float, float]:
+        p = sigmoid(a * z)
+        return float(np.mean((p - y) * z)), float(np.mean(p * (1 - p) * z * z))
 
-    opt.step(closure)
-    t = float(log_t.detach().exp())
-    return t if math.isfinite(t) and 1e-2 < t < 1e2 else 1.0
+    lo, hi = 1.0 / _T_MAX, 1.0 / _T_MIN
+    if not derivatives(lo)[0] < 0 < derivatives(hi)[0]:
+        return 1.0  # the likelihood keeps improving beyond a bound: no usable temperature
+    a = 1.0
+    for _ in range(max_iter):
+        g, h = derivatives(a)
+        if g == 0:
+            break
+        lo, hi = (a, hi) if g < 0 else (lo, a)
+        nxt = a - g / h if h > 0 else math.nan
+        if not lo < nxt < hi:
+            nxt = (lo + hi) / 2
+        if abs(nxt - a) <= 1e-12 * a:
+            a = nxt
+            break
+        a = nxt
+    return 1.0 / a
 
 
 def select_threshold(
@@ -153,40 +175,67 @@ def calibration_summary(logits: Sequence[float], labels: Sequence[int], temperat
     return out
 
 
-def recalibrate(
-    ckpt: dict, method: str = "youden", target_sensitivity: float = 0.95, refit_temperature: bool = True
-) -> dict:
-    """Re-derive temperature and operating threshold from a checkpoint's stored validation
-    logits (``val_logits``/``val_labels``), without retraining.
+def check_threshold_rule(method: str, target_sensitivity: float = 0.95) -> None:
+    """Refuse an unknown threshold rule or a target sensitivity outside (0, 1].
 
     Args:
-        ckpt: a checkpoint dict (as from ``load_checkpoint``); not modified.
-        method: ``"youden"``, ``"sensitivity"`` or ``"f1"`` (see :func:`select_threshold`).
+        method: threshold rule (:data:`THRESHOLD_METHODS`).
         target_sensitivity: sensitivity the ``"sensitivity"`` rule must reach.
-        refit_temperature: fit the temperature again (otherwise keep the stored one).
-
-    Returns:
-        A new checkpoint dict with ``threshold``, ``temperature``, ``threshold_method``,
-        ``target_sensitivity`` and ``val_metrics`` replaced.
 
     Raises:
-        CheckpointError: the checkpoint holds no validation logits.
-        ConfigError: unknown method or target outside (0, 1].
+        ConfigError: with the allowed values.
     """
-    from ..errors import CheckpointError, ConfigError
-    from .metrics import threshold_metrics, roc_auc
-
-    if method not in ("youden", "sensitivity", "f1"):
-        raise ConfigError(f"unknown threshold method '{method}' (youden, sensitivity or f1)")
+    if method not in THRESHOLD_METHODS:
+        raise ConfigError(f"unknown threshold method '{method}' ({', '.join(THRESHOLD_METHODS[:-1])} or {THRESHOLD_METHODS[-1]})")
     if not 0.0 < target_sensitivity <= 1.0:
         raise ConfigError(f"target sensitivity must be in (0, 1], got {target_sensitivity}")
-    z = np.asarray(ckpt.get("val_logits") or [], dtype=np.float64)
-    y = np.asarray(ckpt.get("val_labels") or [], dtype=np.int64)
-    if z.size == 0 or z.size != y.size:
-        raise CheckpointError("the checkpoint stores no validation logits (val_logits/val_labels); retrain or evaluate instead")
-    if y.min() == y.max():
-        raise CheckpointError("the stored validation split has a single class; no threshold can be derived from it")
-    t = fit_temperature(z, y) if refit_temperature else float(ckpt.get("temperature", 1.0))
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """Temperature and threshold fitted on validation logits, with the validation metrics at
+    that threshold.
+
+    Attributes:
+        temperature: ``probability = sigmoid(logit / temperature)``.
+        threshold: predict PNEUMONIA when the calibrated probability is ``>= threshold``.
+        method: the threshold rule (:data:`THRESHOLD_METHODS`).
+        target_sensitivity: the sensitivity the ``"sensitivity"`` rule had to reach (``None``
+            for the other rules).
+        val_metrics: ``n``, ``accuracy``, ``sensitivity``, ``specificity``, ``roc_auc`` and
+            ``threshold`` on the validation logits.
+    """
+
+    temperature: float
+    threshold: float
+    method: str
+    target_sensitivity: float | None = None
+    val_metrics: dict[str, float] = field(default_factory=dict)
+
+
+def fit_operating_point(
+    logits: Sequence[float], labels: Sequence[int], method: str = "youden", target_sensitivity: float = 0.95,
+    temperature: float | None = None,
+) -> OperatingPoint:
+    """Fit the temperature (unless given) and choose the operating threshold on validation logits.
+
+    Args:
+        logits: raw validation logits (at least one).
+        labels: their 0/1 labels.
+        method: ``"youden"``, ``"sensitivity"`` or ``"f1"`` (see :func:`select_threshold`).
+        target_sensitivity: sensitivity the ``"sensitivity"`` rule must reach, in (0, 1].
+        temperature: keep this temperature instead of fitting one.
+
+    Raises:
+        ConfigError: unknown method or target outside (0, 1].
+        DataError: no logits, or logits and labels of different lengths.
+    """
+    from .metrics import roc_auc, threshold_metrics
+
+    check_threshold_rule(method, target_sensitivity)
+    z = np.asarray(logits, dtype=np.float64).reshape(-1)
+    y = np.asarray(labels, dtype=np.int64).reshape(-1)
+    t = fit_temperature(z, y) if temperature is None else float(temperature)
     probs = sigmoid(z / t)
     thr = select_threshold(probs, y, method, target_sensitivity)
     tm = threshold_metrics(y, probs, thr)
@@ -194,10 +243,4 @@ def recalibrate(
         "n": int(y.size), "accuracy": tm["accuracy"], "sensitivity": tm["sensitivity"], "specificity": tm["specificity"],
         "roc_auc": roc_auc(y, probs), "threshold": float(thr),
     }
-    out = {k: v for k, v in ckpt.items() if k != "_path"}
-    out.update({"threshold": float(thr), "temperature": float(t), "threshold_method": method, "val_metrics": metrics})
-    if method == "sensitivity":
-        out["target_sensitivity"] = float(target_sensitivity)
-    else:
-        out.pop("target_sensitivity", None)
-    return out
+    return OperatingPoint(float(t), float(thr), method, float(target_sensitivity) if method == "sensitivity" else None, metrics)

@@ -26,7 +26,7 @@ def resize_float(image: np.ndarray, height: int, width: int, *, clip: bool = Tru
     if a.shape == (height, width):
         out = a.copy()
     else:
-        out = np.asarray(Image.fromarray(a, mode="F").resize((int(width), int(height)), Image.Resampling.BILINEAR), dtype=np.float32)
+        out = np.array(Image.fromarray(a, mode="F").resize((int(width), int(height)), Image.Resampling.BILINEAR), dtype=np.float32)
     return np.clip(out, 0.0, 1.0, out=out) if clip else out
 
 
@@ -37,8 +37,16 @@ def fit_within(height: int, width: int, max_side: int) -> tuple[int, int]:
 
 
 def to_uint8(arr: np.ndarray) -> np.ndarray:
-    """Float [0, 1] → uint8 [0, 255] (rounded, clamped; NaN becomes 0)."""
-    a = np.nan_to_num(np.asarray(arr, dtype=np.float32), nan=0.0, posinf=1.0, neginf=0.0)
+    """Float [0, 1] → uint8 [0, 255] (rounded, clamped; NaN becomes 0).
+
+    Args:
+        arr: array of any shape; float64 input is scaled and rounded in float64, anything
+            else in float32.
+    """
+    a = np.asarray(arr)
+    if a.dtype != np.float64:
+        a = a.astype(np.float32, copy=False)
+    a = np.nan_to_num(a, nan=0.0, posinf=1.0, neginf=0.0)
     return np.clip(np.rint(a * 255.0), 0, 255).astype(np.uint8)
 
 

@@ -1,5 +1,12 @@
-"""Binary classification metrics with stratified bootstrap confidence intervals, and
-DeLong's test for paired ROC-AUCs.
+"""Binary classification metrics with confidence intervals, and DeLong's test for paired
+ROC-AUCs. Interval methods (each entry's ``ci_method``; details in :mod:`.intervals`):
+
+- accuracy, sensitivity/recall, specificity, precision, NPV (binomial proportions): **Wilson
+  score interval** from the counts (``"wilson"``) — near-nominal coverage where Clopper-Pearson is
+  conservative, and never ``[1, 1]`` for 8 out of 8 as the percentile bootstrap is.
+- F1: stratified percentile bootstrap, or, with a class under ``min_per_class`` images or a
+  collapsed bootstrap, the Wilson interval of the Jaccard index mapped to F1 (``"wilson_jaccard"``).
+- ROC-AUC, PR-AUC, Brier, ECE: stratified percentile bootstrap; a collapsed one is warned about.
 
 Every metric is computed by one weighted, vectorised routine: a bootstrap resample is a row
 of multiplicities ``W[b, i]`` (how often image ``i`` was drawn), and the point estimate is the
@@ -18,6 +25,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..errors import DataError
+from .intervals import (
+    MIN_PER_CLASS, as_labels, class_counts, count_interval, f1_interval, normal_quantile, small_class_warnings, wilson_interval,
+)
 from .labels import CLASS_NAMES
 
 #: Threshold-dependent metrics.
@@ -40,14 +50,12 @@ _CHUNK = 256  # bootstrap rows processed at once (bounds memory for large test s
 
 # --------------------------------------------------------------------------- input checks
 def _as_arrays(labels: Sequence[int] | np.ndarray, probs: Sequence[float] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    y = np.asarray(labels).astype(np.int64).reshape(-1)
+    y = as_labels(labels)
     p = np.asarray(probs, dtype=np.float64).reshape(-1)
     if y.shape != p.shape:
         raise DataError(f"labels ({y.size}) and scores ({p.size}) differ in length")
     if y.size == 0:
         raise DataError("no predictions to evaluate")
-    if not np.isin(y, (0, 1)).all():
-        raise DataError("labels must be 0 (NORMAL) or 1 (PNEUMONIA)")
     if not np.isfinite(p).all():
         raise DataError("scores contain NaN or infinity")
     return y, p
@@ -255,6 +263,26 @@ def _num(v: float) -> float | None:
     return float(v) if v is not None and math.isfinite(float(v)) else None
 
 
+def _collapsed(lo: float | None, hi: float | None) -> bool:
+    """Whether an interval is a single point (every bootstrap resample gave the same value)."""
+    return lo is not None and hi is not None and hi - lo < 1e-12
+
+
+#: Proportion metrics: (counts in the numerator, counts in the denominator ``n``).
+_PROPORTIONS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "accuracy": (("tp", "tn"), ("tp", "tn", "fp", "fn")), "precision": (("tp",), ("tp", "fp")), "recall": (("tp",), ("tp", "fn")),
+    "sensitivity": (("tp",), ("tp", "fn")), "specificity": (("tn",), ("tn", "fp")), "npv": (("tn",), ("tn", "fn"))}
+
+
+def _f1_entry(value: float, boot: np.ndarray, c: Mapping[str, int], ci: float, small: bool) -> dict[str, Any]:
+    """F1 with its bootstrap interval, or the Wilson-Jaccard interval when the classes are small
+    or the bootstrap interval collapsed to a point."""
+    (lo, hi), method = _interval(boot, ci), "bootstrap"
+    if small or _collapsed(lo, hi):
+        (lo, hi), method = f1_interval(c["tp"], c["fp"], c["fn"], ci), "wilson_jaccard"
+    return {"value": _num(value), "ci95": [lo, hi], "n": c["tp"] + c["fp"] + c["fn"], "ci_method": method}
+
+
 def bootstrap_metrics(
     labels: Sequence[int],
     probs: Sequence[float],
@@ -264,9 +292,11 @@ def bootstrap_metrics(
     seed: int = 0,
     ci: float = 0.95,
     n_bins: int = DEFAULT_ECE_BINS,
+    min_per_class: int = MIN_PER_CLASS,
 ) -> dict[str, dict[str, Any]]:
-    """Every metric with a stratified percentile-bootstrap confidence interval, at one or more
-    thresholds (the same resamples serve all thresholds).
+    """Every metric with a confidence interval, at one or more thresholds: Wilson intervals for
+    the proportions, the stratified percentile bootstrap (the same resamples for all thresholds)
+    for F1 and the threshold-free metrics (see the module docstring).
 
     Args:
         labels: 0/1 true labels.
@@ -276,10 +306,15 @@ def bootstrap_metrics(
         seed: seed of the resampling (same seed → same intervals).
         ci: interval coverage.
         n_bins: reliability bins of the ECE.
+        min_per_class: classes smaller than this are warned about, and F1 avoids the bootstrap.
 
     Returns:
-        ``{section: {"threshold", "n", "n_per_class", <metric>: {"value", "ci95"}, ...,
-        "confusion_matrix": {"labels", "value", "ci95"}}}``; undefined values are ``None``.
+        ``{section: {"threshold", "n", "n_per_class", "warnings", <metric>: {"value", "ci95", "n",
+        "ci_method"}, ..., "confusion_matrix": {"labels", "rows", "columns", "value", "ci95",
+        "ci_method"}}}``; undefined values are ``None``. A metric's ``n`` is its denominator: all
+        images (accuracy, threshold-free metrics), positives (sensitivity/recall), negatives
+        (specificity), predicted positives (precision), predicted negatives (NPV), ``tp + fp + fn``
+        (F1). ``warnings``: small classes (:func:`small_class_warnings`), collapsed bootstraps.
     """
     y, p = _as_arrays(labels, probs)
     if n_resamples < 1:
@@ -290,7 +325,7 @@ def bootstrap_metrics(
     point_thr = {name: _threshold_metrics(ones, pr, t) for name, t in thresholds.items()}
     rng = np.random.default_rng(seed)
     boot_scores: dict[str, list[np.ndarray]] = {k: [] for k in SCORE_METRICS}
-    boot_thr: dict[str, dict[str, list[np.ndarray]]] = {name: {} for name in thresholds}
+    boot_f1: dict[str, list[np.ndarray]] = {name: [] for name in thresholds}
     done = 0
     while done < n_resamples:
         b = min(_CHUNK, n_resamples - done)
@@ -298,25 +333,32 @@ def bootstrap_metrics(
         for k, v in _score_metrics(W, pr).items():
             boot_scores[k].append(v)
         for name, t in thresholds.items():
-            for k, v in _threshold_metrics(W, pr, t).items():
-                boot_thr[name].setdefault(k, []).append(v)
+            boot_f1[name].append(_threshold_metrics(W, pr, t)["f1"])
         done += b
-    scores = {k: np.concatenate(v) for k, v in boot_scores.items()}
-    n_per_class = {CLASS_NAMES[c]: int((y == c).sum()) for c in (0, 1)}
+    n_per_class = class_counts(y)
+    small = min(n_per_class.values()) < min_per_class
+    scores = {k: {"value": _num(point_scores[k][0]), "ci95": _interval(np.concatenate(boot_scores[k]), ci), "n": int(y.size),
+                  "ci_method": "bootstrap"} for k in SCORE_METRICS}
+    warnings = small_class_warnings(y, min_per_class) + [
+        f"{METRIC_LABELS[k]}: every bootstrap resample gave {e['ci95'][0]:.3f}, so its interval [{e['ci95'][0]:.3f}, "
+        f"{e['ci95'][1]:.3f}] understates the uncertainty at this sample size" for k, e in scores.items() if _collapsed(*e["ci95"])]
     out: dict[str, dict[str, Any]] = {}
     for name, t in thresholds.items():
-        thr = {k: np.concatenate(v) for k, v in boot_thr[name].items()}
-        sec: dict[str, Any] = {"threshold": float(t), "n": int(y.size), "n_per_class": n_per_class}
+        c = {k: int(round(float(point_thr[name][k][0]))) for k in ("tn", "fp", "fn", "tp")}
+        sec: dict[str, Any] = {"threshold": float(t), "n": int(y.size), "n_per_class": n_per_class, "warnings": list(warnings)}
         for k in THRESHOLD_METRICS:
-            sec[k] = {"value": _num(point_thr[name][k][0]), "ci95": _interval(thr[k], ci)}
-        for k in SCORE_METRICS:
-            sec[k] = {"value": _num(point_scores[k][0]), "ci95": _interval(scores[k], ci)}
-        cells = (("tn", "fp"), ("fn", "tp"))
+            if k == "f1":
+                sec[k] = _f1_entry(point_thr[name]["f1"][0], np.concatenate(boot_f1[name]), c, ci, small)
+                continue
+            num, den = _PROPORTIONS[k]
+            x, n = sum(c[i] for i in num), sum(c[i] for i in den)
+            sec[k] = {"value": _num(point_thr[name][k][0]), "ci95": list(wilson_interval(x, n, ci)), "n": n, "ci_method": "wilson"}
+        sec.update({k: dict(e) for k, e in scores.items()})
+        cells = (("tn", "fp"), ("fn", "tp"))  # rows are the true classes, of fixed size
         sec["confusion_matrix"] = {
-            "labels": list(CLASS_NAMES),
-            "rows": "true class", "columns": "predicted class",
-            "value": [[int(round(float(point_thr[name][c][0]))) for c in row] for row in cells],
-            "ci95": [[[int(round(v)) if v is not None else None for v in _interval(thr[c], ci)] for c in row] for row in cells],
+            "labels": list(CLASS_NAMES), "rows": "true class", "columns": "predicted class",
+            "value": [[c[k] for k in row] for row in cells],
+            "ci95": [[count_interval(c[k], c[row[0]] + c[row[1]], ci) for k in row] for row in cells], "ci_method": "wilson",
         }
         out[name] = sec
     return out
@@ -393,7 +435,7 @@ def delong_test(labels: Sequence[int], scores_a: Sequence[float], scores_b: Sequ
     else:
         z = diff / se
         p = math.erfc(abs(z) / math.sqrt(2))
-    zq = _normal_quantile(0.5 + ci / 2)
+    zq = normal_quantile(0.5 + ci / 2)
     return {"auc_a": float(aucs[0]), "auc_b": float(aucs[1]), "diff": diff, "se": se, "z": float(z),
             "p_value": float(min(max(p, 0.0), 1.0)), "ci95": [diff - zq * se, diff + zq * se]}
 
@@ -438,20 +480,10 @@ def paired_bootstrap_auc(
     return {"diff": diff, "se": float(d.std(ddof=1)) if d.size > 1 else 0.0, "ci95": _interval(d, ci), "p_value": p, "resamples": n_resamples}
 
 
-def _normal_quantile(q: float) -> float:
-    """Standard-normal quantile.
-
-    Args:
-        q: probability in (0, 1).
-    """
-    from statistics import NormalDist
-
-    return NormalDist().inv_cdf(q)
-
-
 # --------------------------------------------------------------------------- formatting
 def format_value(entry: Mapping[str, Any] | None, digits: int = 3) -> str:
-    """``0.912 [0.884, 0.937]`` from a ``{"value", "ci95"}`` entry (``n/a`` where undefined).
+    """``1.000 [0.676, 1.000] (n=8)`` from a ``{"value", "ci95", "n"}`` entry (``n/a`` where
+    undefined; the ``(n=…)`` suffix only when the entry carries ``n``).
 
     Args:
         entry: a metric entry of :func:`bootstrap_metrics`.
@@ -459,8 +491,10 @@ def format_value(entry: Mapping[str, Any] | None, digits: int = 3) -> str:
     """
     if not entry or entry.get("value") is None:
         return "n/a"
-    v = f"{entry['value']:.{digits}f}"
+    text = f"{entry['value']:.{digits}f}"
     lo, hi = entry.get("ci95") or [None, None]
-    if lo is None or hi is None:
-        return v
-    return f"{v} [{lo:.{digits}f}, {hi:.{digits}f}]"
+    if lo is not None and hi is not None:
+        text += f" [{lo:.{digits}f}, {hi:.{digits}f}]"
+    if entry.get("n") is not None:
+        text += f" (n={entry['n']})"
+    return text

@@ -7,22 +7,24 @@ import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
+from ..core.imaging import fit_within, resize_float, to_uint8
+from ..core.labels import CLASS_NAMES
 from ..errors import DataError
 from ..utils.io import atomic_write_text
-from .io import IMAGE_SUFFIXES, read_image, to_uint8
+from .io import IMAGE_SUFFIXES, read_image
 from .patients import parse_patient_id
 
 log = logging.getLogger(__name__)
 
-CLASS_NAMES: tuple[str, str] = ("NORMAL", "PNEUMONIA")
 _LABELS = {"normal": 0, "0": 0, "pneumonia": 1, "1": 1}
+#: The columns of a manifest (``path`` and ``label`` required).
+MANIFEST_COLUMNS = ("path", "label", "patient_id", "split")
 
 
 @dataclass(frozen=True)
@@ -76,13 +78,44 @@ def scan_folder(root: str | Path, split: str | None = None) -> list[Sample]:
     return samples
 
 
-def read_manifest(path: str | Path, split: str | None = None) -> list[Sample]:
+def parse_columns(spec: str | Mapping[str, str] | None) -> dict[str, str]:
+    """A manifest column mapping: ``"path=filename,label=target"`` → ``{"path": "filename",
+    "label": "target"}`` (names compared case-insensitively).
+
+    Args:
+        spec: ``NAME=COLUMN`` pairs separated by commas (``NAME`` one of
+            :data:`MANIFEST_COLUMNS`), a mapping, or ``None``/``""`` for none.
+
+    Raises:
+        DataError: malformed pair or unknown name.
+    """
+    if not spec:
+        return {}
+    pairs = spec.items() if isinstance(spec, Mapping) else (item.partition("=")[::2] for item in str(spec).split(",") if item.strip())
+    out: dict[str, str] = {}
+    for name, column in pairs:
+        name, column = str(name).strip().lower(), str(column).strip().lower()
+        if name not in MANIFEST_COLUMNS or not column:
+            raise DataError(f"bad column mapping '{name}={column}': expected NAME=COLUMN pairs with NAME one of {', '.join(MANIFEST_COLUMNS)} "
+                            "(e.g. path=filename,label=target)")
+        out[name] = column
+    return out
+
+
+def read_manifest(path: str | Path, split: str | None = None, columns: str | Mapping[str, str] | None = None) -> list[Sample]:
     """Read a CSV manifest with columns ``path,label[,patient_id][,split]``.
 
     Relative paths are resolved against the manifest's folder. With ``split`` given and a
     ``split`` column present, only those rows are kept.
+
+    Args:
+        path: the CSV file.
+        split: keep the rows of this split (when the manifest has a ``split`` column).
+        columns: the manifest's own names of the columns, e.g. ``{"path": "filename",
+            "label": "target"}`` or ``"path=filename,label=target"`` (see :func:`parse_columns`).
     """
     path = Path(path)
+    mapping = parse_columns(columns)
     if not path.is_file():
         raise DataError(f"manifest not found: {path}")
     try:
@@ -91,11 +124,16 @@ def read_manifest(path: str | Path, split: str | None = None) -> list[Sample]:
         raise DataError(f"{path}: cannot read manifest ({e.__class__.__name__})") from e
     reader = csv.DictReader(io.StringIO(text))
     cols = {c.strip().lower() for c in (reader.fieldnames or [])}
-    if not {"path", "label"} <= cols:
-        raise DataError(f"{path}: manifest needs 'path' and 'label' columns (has: {', '.join(sorted(cols)) or 'none'})")
+    rename = {mapping.get(name, name): name for name in MANIFEST_COLUMNS}  # the file's name -> ours
+    missing = [mapping.get(name, name) for name in ("path", "label") if mapping.get(name, name) not in cols]
+    if missing:
+        raise DataError(f"{path}: manifest needs {' and '.join(repr(c) for c in missing)} column(s) (has: {', '.join(sorted(cols)) or 'none'}); "
+                        "name yours with --columns path=COLUMN,label=COLUMN")
     samples = []
+    seen_splits: set[str] = set()
     for i, row in enumerate(reader, start=2):
-        row = {k.strip().lower(): (v or "").strip() for k, v in row.items() if k}
+        row = {rename.get(k.strip().lower(), f"_{k}"): (v or "").strip() for k, v in row.items() if k}
+        seen_splits.add(row.get("split", ""))
         if split and row.get("split") and row["split"] != split:
             continue
         p = Path(row["path"])
@@ -105,7 +143,9 @@ def read_manifest(path: str | Path, split: str | None = None) -> list[Sample]:
         patient = row.get("patient_id") or parse_patient_id(p)
         samples.append(Sample(str(p), label, patient))
     if not samples:
-        raise DataError(f"{path}: manifest has no rows" + (f" for split '{split}'" if split else ""))
+        others = sorted(s for s in seen_splits if s)
+        raise DataError(f"{path}: manifest has no rows" + (f" for split '{split}'" if split else "")
+                        + (f" (splits in it: {', '.join(others)})" if split and others else ""))
     return samples
 
 
@@ -119,21 +159,39 @@ def write_manifest(samples: Sequence[Sample], path: str | Path, split: str | Non
     atomic_write_text(path, buf.getvalue())
 
 
-def load_samples(data: str | Path, split: str | None = "train") -> list[Sample]:
+def load_samples(data: str | Path, split: str | None = "train", columns: str | Mapping[str, str] | None = None) -> list[Sample]:
     """Samples of a folder dataset split or of a CSV manifest.
 
     A folder that directly holds NORMAL/PNEUMONIA is used as is when ``split`` is absent.
+
+    Args:
+        data: dataset folder or CSV manifest.
+        split: split folder, or value of the manifest's ``split`` column.
+        columns: a manifest's own column names (see :func:`read_manifest`).
     """
     data = Path(data)
     if data.suffix.lower() == ".csv":
-        return read_manifest(data, split)
+        return read_manifest(data, split, columns)
+    if columns:
+        log.warning("a column mapping applies to CSV manifests only: ignored for the folder %s", data)
     if split and (data / split).is_dir():
         return scan_folder(data, split)
     if any((data / c).is_dir() for c in CLASS_NAMES) or any((data / c.lower()).is_dir() for c in CLASS_NAMES):
         return scan_folder(data, None)
     if not data.exists():
         raise DataError(f"dataset not found: {data}")
+    splits = _split_folders(data)
+    if split and splits:
+        raise DataError(f"{data}: no '{split}' split folder (splits here: {', '.join(splits)})")
     raise DataError(f"{data}: no '{split}' split folder and no NORMAL/PNEUMONIA class folders")
+
+
+def _split_folders(root: Path) -> list[str]:
+    """The sub-folders of ``root`` that hold a NORMAL or PNEUMONIA class folder, sorted."""
+    try:
+        return sorted(d.name for d in root.iterdir() if d.is_dir() and any(c.is_dir() and c.name.upper() in CLASS_NAMES for c in d.iterdir()))
+    except OSError:
+        return []
 
 
 def class_counts(samples: Sequence[Sample]) -> list[int]:
@@ -177,12 +235,10 @@ class XrayDataset(Dataset):
         if index in self._cache:
             return self._cache[index]
         s = self.samples[index]
-        arr = to_uint8(read_image(s.path, max_side=self.max_side))
-        if self.max_side and max(arr.shape) > self.max_side:
-            h, w = arr.shape
-            scale = self.max_side / max(h, w)
-            size = (max(1, round(w * scale)), max(1, round(h * scale)))
-            arr = np.array(Image.fromarray(arr).resize(size, Image.BILINEAR))  # a writable copy
+        img = read_image(s.path, max_side=self.max_side)
+        if self.max_side and max(img.shape) > self.max_side:
+            img = resize_float(img, *fit_within(*img.shape, self.max_side))
+        arr = to_uint8(img)
         if self.cache:
             self._cache[index] = arr
         return arr

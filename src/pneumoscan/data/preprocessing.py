@@ -6,8 +6,8 @@ Normalisation (and the greyscale→RGB expansion of ImageNet backbones) happens 
 model, so this is all that happens outside it, for every backend (PyTorch, ONNX) and for
 the web service.
 
-The resize is Pillow's float (``"F"`` mode) bilinear filter, whose support widens with the
-downscaling factor — the same antialiased filter as
+The resize is :func:`pneumoscan.core.imaging.resize_float`: Pillow's float (``"F"`` mode)
+bilinear filter, whose support widens with the downscaling factor — the same antialiased filter as
 ``torch.nn.functional.interpolate(..., mode="bilinear", antialias=True)`` used on training
 batches (``pneumoscan.data.transforms``): the two agree within 1e-5 per pixel (tested).
 Keeping prediction free of PyTorch lets ``pneumoscan predict`` start in a fraction of a
@@ -19,7 +19,8 @@ from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image
+
+from ..core.imaging import resize_float
 
 
 @dataclass(frozen=True)
@@ -31,8 +32,8 @@ class Preprocessing:
             training data were).
         in_channels: channels of the network proper (1 or 3); inputs are always greyscale.
         mean, std: per-channel normalisation applied inside the model.
-        resize: resize rule; ``"stretch"`` to ``input_size``².
-        interpolation: ``"bilinear"`` with antialiasing.
+        resize: resize rule; ``"stretch"`` to ``input_size``² (antialiased bilinear, the
+            only rule; :func:`pneumoscan.models.bundle.validate_bundle` refuses others).
     """
 
     input_size: int = 224
@@ -40,7 +41,6 @@ class Preprocessing:
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
     resize: str = "stretch"
-    interpolation: str = "bilinear"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -49,6 +49,8 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Preprocessing":
+        """Rebuild from :meth:`to_dict` output; unknown keys (``interpolation`` of older
+        files) are ignored."""
         d = dict(d)
         d["mean"], d["std"] = tuple(d.get("mean", cls.mean)), tuple(d.get("std", cls.std))
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
@@ -75,21 +77,11 @@ def as_unit_float(image: np.ndarray) -> np.ndarray:
     return np.clip(a, 0.0, 1.0, out=a)
 
 
-def resize_square(image: np.ndarray, size: int) -> np.ndarray:
-    """Stretch a 2-D float32 image to ``size × size`` (antialiased bilinear, pixel centres
-    aligned as in ``align_corners=False``), clamped to [0, 1]."""
-    a = np.ascontiguousarray(image, dtype=np.float32)
-    if a.shape == (size, size):
-        return a.copy()
-    out = np.asarray(Image.fromarray(a, mode="F").resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
-    return np.clip(out, 0.0, 1.0)
-
-
 def preprocess_image(image: np.ndarray, size: int) -> np.ndarray:
     """One greyscale image (2-D float in [0, 1], or uint8) → ``(1, size, size)`` float32."""
     a = as_unit_float(image)
     if a.shape != (size, size):
-        a = resize_square(a, size)
+        a = resize_float(a, size, size)
     return a[None]
 
 

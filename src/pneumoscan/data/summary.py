@@ -7,9 +7,10 @@ from typing import Any
 
 import numpy as np
 
+from ..core.labels import CLASS_NAMES
 from ..errors import DataError, ImageReadError
 from ..utils.io import sha256_file
-from .datasets import CLASS_NAMES, Sample, load_samples
+from .datasets import Sample, load_samples
 
 
 def _image_size(path: str) -> tuple[int, int] | None:

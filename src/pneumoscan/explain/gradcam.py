@@ -12,24 +12,24 @@ Details that matter for pneumoscan's models:
   the recorded values nor break the backward pass;
 * the models have one logit ``z`` (PNEUMONIA when high): by default the map explains the
   predicted class, i.e. ``z`` for an image predicted PNEUMONIA and ``-z`` (evidence for NORMAL)
-  otherwise; ``target="pneumonia"`` always explains ``z``.
+  otherwise; ``target="pneumonia"`` always explains ``z``;
+* upsampling and scaling to [0, 1] are :func:`~pneumoscan.explain.cam_numpy.finish_maps`, shared
+  with the PyTorch-free maps of :mod:`pneumoscan.explain.cam_numpy`; :func:`linear_head` tells
+  whether a model's Grad-CAM reduces to such a map (a pooled linear head).
 """
 from __future__ import annotations
 
 import logging
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModelError
+from .cam_numpy import LinearHead, check_target, finish_maps
 
 log = logging.getLogger(__name__)
-
-#: What a map can explain: the predicted class, the pneumonia logit, or its negation.
-TARGETS = ("predicted", "pneumonia", "normal")
 
 
 def resolve_layer(model: nn.Module, layer: str | None = None) -> tuple[str, nn.Module]:
@@ -76,10 +76,8 @@ class GradCAM:
     """
 
     def __init__(self, model: nn.Module, layer: str | None = None, target: str = "predicted", logit_threshold: float = 0.0) -> None:
-        if target not in TARGETS:
-            raise ModelError(f"Grad-CAM target must be one of {', '.join(TARGETS)} (got '{target}')")
         self.model = model
-        self.target = target
+        self.target = check_target(target)
         self.logit_threshold = float(logit_threshold)
         self.layer_name, self.layer = resolve_layer(model, layer)
         self._acts: torch.Tensor | None = None
@@ -136,35 +134,61 @@ class GradCAM:
         if grads is None:
             grads = torch.zeros_like(acts)
         weights = grads.mean(dim=(2, 3), keepdim=True)
-        cam = F.relu((weights * acts).sum(dim=1, keepdim=True))
-        if upsample and cam.shape[-2:] != x.shape[-2:]:
-            cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        b = cam.shape[0]
-        flat = cam.reshape(b, -1)
-        lo = flat.min(dim=1, keepdim=True).values
-        hi = flat.max(dim=1, keepdim=True).values
-        span = hi - lo
-        tiny = torch.finfo(torch.float32).tiny  # randomly initialised nets have minute activations
-        norm = torch.where(span > tiny, (flat - lo) / span.clamp_min(tiny), torch.zeros_like(flat))
-        return norm.reshape(cam.shape).clamp_(0.0, 1.0).detach(), logits.detach()
+        raw = F.relu((weights * acts).sum(dim=1)).float().cpu().numpy()
+        cam = finish_maps(raw, tuple(x.shape[-2:]) if upsample else None)  # the NumPy path's own post-processing
+        return torch.from_numpy(cam[:, None]).to(x.device), logits.detach()
 
     def __call__(self, x: torch.Tensor, upsample: bool = True) -> torch.Tensor:
         """``(B, 1, S, S)`` maps in [0, 1] (see :meth:`compute`)."""
         return self.compute(x, upsample)[0]
 
 
-def resize_map(cam: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Bilinear resize of a 2-D map in [0, 1] to ``height × width`` (e.g. from the model's
-    stretched square back to the image's original resolution).
+def linear_head(model: nn.Module, input_size: int, layer: str | None = None) -> LinearHead | None:
+    """The model's head as a :class:`~pneumoscan.explain.cam_numpy.LinearHead` when its logit
+    is ``w · GAP(A) + b`` of the target layer's output ``A`` (then Grad-CAM there is the CAM that
+    :func:`~pneumoscan.explain.cam_numpy.linear_head_maps` computes in NumPy); ``None`` when it
+    is not (several linear layers, a flattening head, normalisation between the layer and the
+    pooling, ...).
+
+    The head must hold exactly one ``nn.Linear`` with one output, and the identity is checked
+    numerically on two random images (eval mode), so no architecture list is needed.
 
     Args:
-        cam: 2-D float map.
-        height, width: target size.
-    """
-    from PIL import Image
+        model: a pneumoscan model (``adapter → backbone → head``).
+        input_size: the model's input side.
+        layer: target layer (default: the registered model's ``gradcam_layer``).
 
-    cam = np.ascontiguousarray(cam, dtype=np.float32)
-    if cam.shape == (height, width):
-        return cam
-    im = Image.fromarray(cam, mode="F").resize((int(width), int(height)), Image.Resampling.BILINEAR)
-    return np.clip(np.asarray(im, dtype=np.float32), 0.0, 1.0)
+    Raises:
+        ModelError: unknown layer.
+    """
+    name, module = resolve_layer(model, layer)
+    head = getattr(model, "head", None)
+    linears = [m for m in head.modules() if isinstance(m, nn.Linear)] if isinstance(head, nn.Module) else []
+    if len(linears) != 1 or linears[0].out_features != 1:
+        return None
+    weight = linears[0].weight.detach().float().reshape(-1).cpu()
+    bias = float(linears[0].bias.detach().float().item()) if linears[0].bias is not None else 0.0
+    acts: list[torch.Tensor] = []
+
+    def keep(_module: nn.Module, _inputs: Any, out: Any) -> None:
+        if isinstance(out, torch.Tensor):
+            acts.append(out.detach().float().clone())
+
+    handle = module.register_forward_hook(keep)
+    was_training = model.training
+    try:
+        model.eval()
+        x = torch.rand(2, 1, input_size, input_size, generator=torch.Generator().manual_seed(0))
+        device = next(model.parameters(), torch.empty(0)).device
+        with torch.inference_mode():
+            z = model(x.to(device)).float().reshape(-1).cpu()
+    finally:
+        handle.remove()
+        model.train(was_training)
+    if len(acts) != 1 or acts[0].ndim != 4 or acts[0].shape[1] != weight.numel() or z.numel() != 2:
+        return None
+    pooled = acts[0].cpu().mean(dim=(2, 3)) @ weight + bias
+    if not torch.allclose(pooled, z, rtol=1e-4, atol=1e-4 * max(1.0, float(z.abs().max()))):
+        log.debug("layer %s does not feed a pooled linear head: Grad-CAM needs PyTorch for this model", name)
+        return None
+    return LinearHead(name, weight.numpy().astype("float32"), bias)

@@ -15,7 +15,8 @@ import math
 from typing import Any
 
 import numpy as np
-from PIL import Image
+
+from ..core.imaging import resize_float
 
 #: Side of the square, stretched copy most features are measured on (the models' inputs are
 #: stretched squares too).
@@ -28,14 +29,6 @@ TEMPLATE = 16
 NATIVE = 256
 #: Intensity percentiles measured.
 PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
-
-
-def _resize(img: np.ndarray, side: int) -> np.ndarray:
-    """Antialiased resize of a float image to ``side``² (Pillow, mode F)."""
-    if img.shape == (side, side):
-        return img.astype(np.float32, copy=False)
-    im = Image.fromarray(np.ascontiguousarray(img, dtype=np.float32), mode="F")
-    return np.asarray(im.resize((side, side), Image.Resampling.BILINEAR), dtype=np.float32)
 
 
 def _corr(a: np.ndarray, b: np.ndarray) -> float:
@@ -103,8 +96,8 @@ def thumbnail(img: np.ndarray) -> np.ndarray:
     Args:
         img: 2-D float greyscale image in [0, 1].
     """
-    x = np.clip(_resize(np.nan_to_num(np.asarray(img, dtype=np.float32)), SIDE), 0.0, 1.0)
-    return _zscore(_resize(x, TEMPLATE))
+    x = resize_float(np.nan_to_num(np.asarray(img, dtype=np.float32)), SIDE, SIDE)
+    return _zscore(resize_float(x, TEMPLATE, TEMPLATE, clip=False))
 
 
 def template_features(thumb: np.ndarray, template: np.ndarray | None) -> dict[str, float]:
@@ -137,7 +130,7 @@ def image_features(img: np.ndarray, meta: dict[str, Any] | None = None, template
     img = np.asarray(img, dtype=np.float32)
     if not np.isfinite(img).all():
         img = np.nan_to_num(img, nan=0.0, posinf=1.0, neginf=0.0)
-    x = np.clip(_resize(img, SIDE), 0.0, 1.0)
+    x = resize_float(img, SIDE, SIDE)
     f: dict[str, float] = {}
 
     # ---------------------------------------------------------------- intensity
@@ -193,7 +186,7 @@ def image_features(img: np.ndarray, meta: dict[str, Any] | None = None, template
         f["axis_aligned"] = 0.0
 
     # ---------------------------------------------------------------- symmetry and layout
-    z64 = _zscore(_resize(x, 64))
+    z64 = _zscore(resize_float(x, 64, 64, clip=False))
     f["sym_lr"] = _corr(z64, z64[:, ::-1])
     f["sym_ud"] = _corr(z64, z64[::-1, :])
     z = _zscore(x)
@@ -208,10 +201,10 @@ def image_features(img: np.ndarray, meta: dict[str, Any] | None = None, template
     corners = np.concatenate([x[:16, :16].ravel(), x[:16, -16:].ravel(), x[-16:, :16].ravel(), x[-16:, -16:].ravel()])
     f["corner_mean"] = float(corners.mean())
     f["corner_dark"] = float((corners < 0.05).mean())
-    tz = _zscore(_resize(x, THUMB))
+    tz = _zscore(resize_float(x, THUMB, THUMB, clip=False))
     for i, v in enumerate(tz.ravel()):
         f[f"thumb{i:02d}"] = float(v)
-    f.update(template_features(_zscore(_resize(x, TEMPLATE)), template))
+    f.update(template_features(_zscore(resize_float(x, TEMPLATE, TEMPLATE, clip=False)), template))
 
     # ---------------------------------------------------------------- colour (from the reader)
     f["saturation"] = float(meta.get("saturation", 0.0) or 0.0)

@@ -2,20 +2,29 @@
 
 The graph takes ``image``: ``(batch, 1, S, S)`` float32 greyscale in [0, 1] (normalisation
 and channel expansion are inside the model, as in PyTorch) and returns ``logit``:
-``(batch, 1)``. The batch axis is dynamic. Everything else a predictor needs is stored in the
-file's ``metadata_props``:
+``(batch, 1)``. For a model whose head is global average pooling and one linear unit (MobileNetV2,
+the ResNets, EfficientNet-B0: :func:`pneumoscan.explain.gradcam.linear_head` decides) it also
+returns ``features``: ``(batch, C, h, w)``, the Grad-CAM layer's output, and the head's weights
+are stored as ``pneumoscan.cam``; Grad-CAM heat maps then need no PyTorch
+(:mod:`pneumoscan.explain.cam_numpy`). The batch axis is dynamic. Everything else a predictor
+needs is stored in the file's ``metadata_props``:
 
 ========================  ===========================================================
 ``pneumoscan.format``     ``pneumoscan-onnx/1``
 ``model_name``            registry name (``mobilenet_v2``, ...)
 ``weight_name``           the weights' name shown with predictions
 ``source_sha256``         sha256 of the checkpoint file it was exported from
-``preprocessing``         JSON of :class:`~pneumoscan.data.transforms.Preprocessing`
+``preprocessing``         JSON of :class:`~pneumoscan.data.preprocessing.Preprocessing`
 ``threshold``             operating threshold on calibrated probabilities
 ``temperature``           temperature scaling (probability = sigmoid(logit / T))
 ``threshold_method``      how the threshold was chosen
 ``class_names``           JSON list, index 1 = PNEUMONIA
 ``val_metrics``           JSON of the validation metrics at the threshold (if any)
+``pneumoscan.bundle``     JSON of the whole model description (``ModelBundle.info()``),
+                          read back by :func:`~pneumoscan.inference.onnx_cache.bundle_from_metadata`
+                          (the keys above stay for files and tools that predate it)
+``pneumoscan.cam``        JSON ``{"layer", "weight", "bias"}`` of the pooled linear head
+                          (only with the ``features`` output)
 ========================  ===========================================================
 
 The exporter is torch's ``torch.export``-based one (``dynamo=True``, opset 18), with the
@@ -30,23 +39,25 @@ import json
 import logging
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from typing import TYPE_CHECKING
-
-from ..errors import CheckpointError, ConfigError, ModelError
-from ..utils.io import atomic_path, sha256_file
+from ..errors import ConfigError, ModelError
+from ..models.bundle import ModelBundle, default_manifest, default_model_dir, load_bundle, record_default_onnx
+from ..utils.io import atomic_path
+from ..utils.version import __version__
+from .runners import BUNDLE_KEY, CAM_KEY, FEATURES_NAME, INPUT_NAME, LOGIT_NAME, ONNX_FORMAT, open_session, session_metadata
 
 if TYPE_CHECKING:  # PyTorch is imported by the functions that export
     import torch
 
+    from ..explain.cam_numpy import LinearHead
+
 log = logging.getLogger(__name__)
 
-ONNX_FORMAT = "pneumoscan-onnx/1"
+__all__ = ["DEFAULT_OPSET", "MIN_OPSET", "ONNX_FORMAT", "export_default_onnx", "export_onnx", "onnx_metadata", "read_onnx_metadata"]
+
 DEFAULT_OPSET = 18
 MIN_OPSET = 17
-INPUT_NAME = "image"
-OUTPUT_NAME = "logit"
 
 
 def _require_onnx() -> Any:
@@ -57,41 +68,64 @@ def _require_onnx() -> Any:
     return onnx
 
 
-def onnx_metadata(ckpt: dict[str, Any]) -> dict[str, str]:
-    """The ``metadata_props`` written for a checkpoint (all values are strings).
+def onnx_metadata(bundle: ModelBundle, head: LinearHead | None = None) -> dict[str, str]:
+    """The ``metadata_props`` written for a model (all values are strings).
 
     Args:
-        ckpt: a loaded checkpoint dict (``_path`` or ``sha256`` give the source hash).
+        bundle: the model (its ``sha256`` becomes ``source_sha256``).
+        head: the pooled linear head, when the graph also returns ``features``.
     """
-    from ..utils.version import __version__
-    from .predictor import CLASS_NAMES, checkpoint_args
-
-    args = checkpoint_args(ckpt)
-    meta = args["metadata"]
     out = {
         "pneumoscan.format": ONNX_FORMAT,
         "pneumoscan.version": __version__,
-        "model_name": str(ckpt["model_name"]),
-        "weight_name": str(args["name"]),
-        "source_sha256": str(meta.get("file_sha256") or ""),
-        "preprocessing": json.dumps(args["preprocessing"].to_dict()),
-        "threshold": repr(float(args["threshold"])),
-        "temperature": repr(float(args["temperature"])),
-        "threshold_method": str(ckpt.get("threshold_method") or ""),
-        "class_names": json.dumps(list(ckpt.get("class_names") or CLASS_NAMES)),
+        "model_name": bundle.arch,
+        "weight_name": bundle.name,
+        "source_sha256": bundle.sha256,
+        "preprocessing": json.dumps(bundle.preprocessing.to_dict()),
+        "threshold": repr(float(bundle.threshold)),
+        "temperature": repr(float(bundle.temperature)),
+        "threshold_method": str(bundle.threshold_method or ""),
+        "class_names": json.dumps(list(bundle.class_names)),
         "input": f"{INPUT_NAME}: float32 (batch, 1, S, S) greyscale in [0, 1], stretched to S x S",
-        "output": f"{OUTPUT_NAME}: float32 (batch, 1); P(pneumonia) = sigmoid({OUTPUT_NAME} / temperature)",
+        "output": f"{LOGIT_NAME}: float32 (batch, 1); P(pneumonia) = sigmoid({LOGIT_NAME} / temperature)",
+        BUNDLE_KEY: json.dumps(bundle.info()),
     }
-    if ckpt.get("val_metrics"):
-        out["val_metrics"] = json.dumps(ckpt["val_metrics"], default=float)
+    if bundle.val_metrics:
+        out["val_metrics"] = json.dumps(bundle.val_metrics, default=float)
+    if head is not None:
+        out["output"] += (f"; {FEATURES_NAME}: float32 (batch, C, h, w), the output of {head.layer}; "
+                          f"Grad-CAM = relu(±weight · {FEATURES_NAME}) with {CAM_KEY}'s weight")
+        out[CAM_KEY] = json.dumps(head.to_dict())
     return out
 
 
-def _export_graph(model: torch.nn.Module, size: int, path: Path, opset: int, dynamo: bool) -> None:
+def _logit_and_features(model: torch.nn.Module, layer: str) -> torch.nn.Module:
+    """``model`` returning ``(logit, output of layer)`` (a forward hook keeps the latter)."""
+    from torch import nn
+
+    target = dict(model.named_modules())[layer]
+
+    class LogitAndFeatures(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+            self.kept: list[torch.Tensor] = []
+            self.hook = target.register_forward_hook(lambda _m, _i, out: self.kept.append(out))
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            self.kept.clear()
+            logit = self.model(x)
+            return logit, self.kept[-1]
+
+    return LogitAndFeatures()
+
+
+def _export_graph(model: torch.nn.Module, size: int, path: Path, opset: int, dynamo: bool, features: bool) -> None:
     import torch
 
     x = torch.rand(2, 1, size, size)
-    common = {"input_names": [INPUT_NAME], "output_names": [OUTPUT_NAME], "opset_version": opset}
+    outputs = [LOGIT_NAME, FEATURES_NAME] if features else [LOGIT_NAME]
+    common = {"input_names": [INPUT_NAME], "output_names": outputs, "opset_version": opset}
     # the exporters print progress and warn about their internals; keep the CLI's output clean
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
@@ -104,29 +138,32 @@ def _export_graph(model: torch.nn.Module, size: int, path: Path, opset: int, dyn
         else:
             torch.onnx.export(
                 model, (x,), str(path), dynamo=False, verbose=False, do_constant_folding=True,
-                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, **common,
+                dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *outputs)}, **common,
             )
 
 
 def export_onnx(
-    checkpoint: str | Path | dict[str, Any] | None,
+    checkpoint: str | Path | ModelBundle | None,
     out: str | Path,
     *,
     opset: int = DEFAULT_OPSET,
     exporter: str = "auto",
     check: bool = True,
+    features: bool = True,
 ) -> Path:
     """Export a checkpoint to an ONNX file with its calibration in the metadata.
 
     Args:
-        checkpoint: ``.pt`` file, run directory, loaded checkpoint dict, or ``None`` for the
-            shipped default model.
+        checkpoint: ``.pt`` file, run directory, loaded bundle, or ``None`` for the shipped
+            default model.
         out: destination ``.onnx`` (written atomically).
         opset: ONNX opset (at least 17).
         exporter: ``"dynamo"`` (``torch.export``), ``"legacy"`` (TorchScript) or ``"auto"``
             (dynamo, falling back to legacy if it fails).
-        check: run ``onnx.checker`` and compare onnxruntime's logits with PyTorch's on a
-            random batch (when onnxruntime is installed).
+        check: run ``onnx.checker`` and compare onnxruntime's logits (and feature maps) with
+            PyTorch's on a random batch (when onnxruntime is installed).
+        features: for a model with a pooled linear head, also return the Grad-CAM layer's
+            feature maps and store the head (PyTorch-free heat maps); ``False``: the logit only.
 
     Returns:
         The written path.
@@ -136,32 +173,32 @@ def export_onnx(
         ConfigError: onnx missing, bad opset or exporter name.
         ModelError: the export failed.
     """
-    onnx = _require_onnx()
-    from ..training.checkpoint import load_checkpoint, model_from_checkpoint
-    from .predictor import _load_ckpt
+    import torch  # noqa: F401 - the export runs the PyTorch model: without it, say that first
 
+    onnx = _require_onnx()
     if opset < MIN_OPSET:
         raise ConfigError(f"opset must be >= {MIN_OPSET} (got {opset})")
     if exporter not in ("auto", "dynamo", "legacy"):
         raise ConfigError(f"exporter must be auto, dynamo or legacy (got '{exporter}')")
-    if isinstance(checkpoint, dict):
-        ckpt = checkpoint
-    elif checkpoint is None:
-        ckpt = _load_ckpt(None)
-    else:
-        ckpt = load_checkpoint(checkpoint)
-    model = model_from_checkpoint(ckpt).float().eval()
+    bundle = checkpoint if isinstance(checkpoint, ModelBundle) else load_bundle(checkpoint)
+    model = bundle.build_model()
     for p in model.parameters():
         p.requires_grad_(False)
-    size = int(ckpt["preprocessing"]["input_size"])
-    meta = onnx_metadata(ckpt)
+    size = bundle.input_size
+    head = None
+    if features:
+        from ..explain.gradcam import linear_head
+
+        head = linear_head(model, size)
+    graph = _logit_and_features(model, head.layer) if head is not None else model
+    meta = onnx_metadata(bundle, head)
     out = Path(out)
     tries = ["dynamo", "legacy"] if exporter == "auto" else [exporter]
     last: Exception | None = None
     with atomic_path(out) as tmp:
         for kind in tries:
             try:
-                _export_graph(model, size, tmp, opset, dynamo=kind == "dynamo")
+                _export_graph(graph, size, tmp, opset, dynamo=kind == "dynamo", features=head is not None)
                 last = None
                 break
             except Exception as e:  # noqa: BLE001 - exporter internals raise many types
@@ -179,13 +216,17 @@ def export_onnx(
         onnx.save(proto, str(tmp))
         if check:
             onnx.checker.check_model(str(tmp))
-            _verify(tmp, model, size)
-    log.info("exported %s (%s, opset %d) to %s", meta["weight_name"], meta["model_name"], opset, out)
+            _verify(tmp, graph, size)
+    if head is not None:
+        graph.hook.remove()
+    log.info("exported %s (%s, opset %d%s) to %s", meta["weight_name"], meta["model_name"], opset,
+             f", feature maps of {head.layer}" if head is not None else "", out)
     return out
 
 
 def _verify(path: Path, model: torch.nn.Module, size: int) -> None:
-    """onnxruntime and PyTorch logits must agree on a random batch of 3."""
+    """onnxruntime and PyTorch outputs (logits, and feature maps if any) must agree on a
+    random batch of 3."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -196,13 +237,17 @@ def _verify(path: Path, model: torch.nn.Module, size: int) -> None:
 
     x = torch.rand(3, 1, size, size, generator=torch.Generator().manual_seed(0))
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0].reshape(-1)
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
     with torch.inference_mode():
-        ref = model(x).float().reshape(-1).numpy()
-    err = float(np.max(np.abs(got - ref)))
-    if not np.isfinite(err) or err > 1e-3 * max(1.0, float(np.max(np.abs(ref)))):
-        raise ModelError(f"the ONNX export does not reproduce PyTorch's logits (max difference {err:.2e})")
-    log.debug("ONNX export verified: max |logit difference| %.2e", err)
+        ref = model(x)
+    refs = [t.float().numpy() for t in (ref if isinstance(ref, tuple) else (ref,))]
+    if len(got) != len(refs):
+        raise ModelError(f"the ONNX export has {len(got)} outputs, PyTorch {len(refs)}")
+    for name, g, r in zip((LOGIT_NAME, FEATURES_NAME), got, refs):
+        err = float(np.max(np.abs(np.asarray(g).reshape(-1) - r.reshape(-1))))
+        if not np.isfinite(err) or err > 1e-3 * max(1.0, float(np.max(np.abs(r)))):
+            raise ModelError(f"the ONNX export does not reproduce PyTorch's {name} (max difference {err:.2e})")
+        log.debug("ONNX export verified: max |%s difference| %.2e", name, err)
 
 
 def read_onnx_metadata(path: str | Path) -> dict[str, str]:
@@ -212,16 +257,30 @@ def read_onnx_metadata(path: str | Path) -> dict[str, str]:
         ConfigError: onnxruntime is not installed.
         CheckpointError: missing file, not an ONNX model, or not exported by pneumoscan.
     """
-    from .onnx_backend import open_session, session_metadata
-
     return session_metadata(open_session(path, 1))
 
 
-def sha256_of_checkpoint(ckpt: dict[str, Any]) -> str:
-    """The sha256 identifying a loaded checkpoint (stored, or hashed from its file)."""
-    if ckpt.get("sha256"):
-        return str(ckpt["sha256"])
-    path = ckpt.get("_path")
-    if path and Path(path).is_file():
-        return sha256_file(path)
-    return ""
+def export_default_onnx(dest_dir: str | Path | None = None) -> Path:
+    """Export the shipped default model (in ``dest_dir``, default the installed package's
+    ``assets/default``) to ``<name>.onnx`` beside it and record the file and its sha256 in its
+    manifest (``onnx_file``, ``onnx_sha256``): what a PyTorch-free install runs.
+
+    Args:
+        dest_dir: the folder holding ``default.json`` and the ``.pt`` file.
+
+    Returns:
+        The written ONNX file.
+
+    Raises:
+        CheckpointError: the default model is missing or fails its checksum.
+        ConfigError, ModelError: see :func:`export_onnx`.
+    """
+    folder = Path(dest_dir) if dest_dir is not None else default_model_dir()
+    man = default_manifest(folder)
+    bundle = load_bundle(folder / str(man["file"]))
+    if bundle.sha256 != man["sha256"]:
+        raise ModelError(f"{bundle.path}: sha256 {bundle.sha256[:12]}… does not match its manifest ({str(man['sha256'])[:12]}…)")
+    bundle.name = str(man.get("name") or bundle.name)
+    out = export_onnx(bundle, folder / f"{Path(str(man['file'])).stem}.onnx")
+    record_default_onnx(out)
+    return out

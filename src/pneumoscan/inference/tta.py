@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..data.preprocessing import resize_square
+from ..core.imaging import resize_float
 from ..errors import ConfigError
 
 TTA_MODES = ("none", "flip", "crops")
@@ -48,7 +48,7 @@ def _centre_crop(batch: np.ndarray, fraction: float) -> np.ndarray:
     crop = batch[..., o : o + c, o : o + c]
     out = np.empty_like(batch)
     for i in range(batch.shape[0]):
-        out[i, 0] = resize_square(crop[i, 0], s)
+        out[i, 0] = resize_float(crop[i, 0], s, s)
     return out
 
 

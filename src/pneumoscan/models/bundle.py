@@ -34,6 +34,7 @@ from ..core.labels import CLASS_NAMES
 from ..data.preprocessing import Preprocessing
 from ..errors import CheckpointError
 from ..utils.io import atomic_write_bytes, sha256_file
+from .validation import as_float, jsonable, parse_preprocessing, validate_bundle
 
 if TYPE_CHECKING:
     from torch import nn
@@ -45,8 +46,6 @@ LEGACY_FORMAT = "pneumoscan-checkpoint/1"
 #: Shipped default model: folder inside the package and its manifest.
 DEFAULT_DIR = "assets/default"
 DEFAULT_MANIFEST = "default.json"
-#: Input sides a bundle may declare.
-MIN_INPUT_SIZE, MAX_INPUT_SIZE = 16, 2048
 #: Keys of a run's resumable training state (kept out of a deployable bundle).
 TRAINING_KEYS = ("optimizer", "scheduler", "torch_rng", "loader_rng", "epoch", "best_loss", "best_epoch", "bad_epochs", "stopped")
 #: Keys of the first format that became provenance.
@@ -137,7 +136,7 @@ class ModelBundle:
             "format": self.format, "name": self.name, "arch": self.arch, "arch_kwargs": dict(self.arch_kwargs),
             "sha256": self.sha256, "preprocessing": self.preprocessing.to_dict(), "class_names": list(self.class_names),
             "threshold": float(self.threshold), "threshold_method": self.threshold_method,
-            "temperature": float(self.temperature), "val_metrics": _jsonable(self.val_metrics), "provenance": _jsonable(prov),
+            "temperature": float(self.temperature), "val_metrics": jsonable(self.val_metrics), "provenance": jsonable(prov),
         }
 
     @classmethod
@@ -149,10 +148,10 @@ class ModelBundle:
         """
         try:
             b = cls(
-                arch=str(info["arch"]), preprocessing=_preprocessing(info["preprocessing"], source),
+                arch=str(info["arch"]), preprocessing=parse_preprocessing(info["preprocessing"], source),
                 arch_kwargs=dict(info.get("arch_kwargs") or {}), class_names=tuple(info.get("class_names") or CLASS_NAMES),
-                threshold=_float(info.get("threshold", 0.5)), threshold_method=info.get("threshold_method"),
-                temperature=_float(info.get("temperature", 1.0)), name=str(info.get("name") or ""),
+                threshold=as_float(info.get("threshold", 0.5)), threshold_method=info.get("threshold_method"),
+                temperature=as_float(info.get("temperature", 1.0)), name=str(info.get("name") or ""),
                 val_metrics=dict(info.get("val_metrics") or {}), provenance=dict(info.get("provenance") or {}),
                 sha256=str(info.get("sha256") or ""), format=str(info.get("format") or BUNDLE_FORMAT),
             )
@@ -202,11 +201,11 @@ class ModelBundle:
             raise CheckpointError(f"{src}: malformed pneumoscan checkpoint (no preprocessing)")
         try:
             b = cls(
-                arch=arch, preprocessing=_preprocessing(d["preprocessing"], src), state_dict=dict(sd), arch_kwargs=dict(kwargs or {}),
+                arch=arch, preprocessing=parse_preprocessing(d["preprocessing"], src), state_dict=dict(sd), arch_kwargs=dict(kwargs or {}),
                 class_names=tuple(d.get("class_names") or CLASS_NAMES),
-                threshold=_float(d["threshold"] if d.get("threshold") is not None else 0.5),
+                threshold=as_float(d["threshold"] if d.get("threshold") is not None else 0.5),
                 threshold_method=d.get("threshold_method"),
-                temperature=_float(d["temperature"] if d.get("temperature") is not None else 1.0),
+                temperature=as_float(d["temperature"] if d.get("temperature") is not None else 1.0),
                 name=str(name or ""), val_metrics=dict(d.get("val_metrics") or {}), provenance=dict(provenance),
                 training=dict(training), sha256=sha256, path=path, format=str(d.get("format") or LEGACY_FORMAT),
             )
@@ -242,72 +241,6 @@ class ModelBundle:
         return model.eval()
 
 
-# ----------------------------------------------------------------------------- validation
-def validate_bundle(b: ModelBundle, source: str = "checkpoint") -> None:
-    """Refuse values that would flip or freeze every answer.
-
-    Checks: a registered-looking architecture name, a finite positive temperature, a finite
-    threshold strictly between 0 and 1, the class names ``("NORMAL", "PNEUMONIA")`` in that
-    order, and sane preprocessing (input side, channels, finite mean, positive std).
-
-    Raises:
-        CheckpointError: one line naming the file and the bad value.
-    """
-
-    def bad(what: str) -> CheckpointError:
-        return CheckpointError(f"{source}: refused: {what}")
-
-    if not (isinstance(b.temperature, float) and math.isfinite(b.temperature) and b.temperature > 0):
-        raise bad(f"temperature must be a finite number > 0 (got {b.temperature!r})")
-    if not (isinstance(b.threshold, float) and math.isfinite(b.threshold) and 0.0 < b.threshold < 1.0):
-        raise bad(f"threshold must lie strictly between 0 and 1 (got {b.threshold!r})")
-    if tuple(b.class_names) != CLASS_NAMES:
-        raise bad(f"class names must be {list(CLASS_NAMES)} in that order (got {list(b.class_names)!r:.80})")
-    p = b.preprocessing
-    if not MIN_INPUT_SIZE <= p.input_size <= MAX_INPUT_SIZE:
-        raise bad(f"input size must be {MIN_INPUT_SIZE}..{MAX_INPUT_SIZE} pixels (got {p.input_size})")
-    if p.in_channels not in (1, 3) or len(p.mean) != p.in_channels or len(p.std) != p.in_channels:
-        raise bad(f"preprocessing needs 1 or 3 channels with one mean and std each (got {p.in_channels}, {len(p.mean)}, {len(p.std)})")
-    if not all(math.isfinite(m) and -10 <= m <= 10 for m in p.mean) or not all(math.isfinite(s) and 1e-3 <= s <= 10 for s in p.std):
-        raise bad(f"preprocessing mean/std out of range (mean {list(p.mean)}, std {list(p.std)})")
-    if p.resize != "stretch":
-        raise bad(f"unknown resize rule {p.resize!r:.40}")
-
-
-def _float(v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise TypeError(f"expected a number, got {type(v).__name__}")
-    return float(v)
-
-
-def _preprocessing(d: Any, source: str) -> Preprocessing:
-    if not isinstance(d, Mapping):
-        raise CheckpointError(f"{source}: malformed preprocessing (not a dict)")
-    try:
-        p = Preprocessing.from_dict(dict(d))
-        return dataclasses.replace(
-            p, input_size=int(_float(p.input_size)), in_channels=int(_float(p.in_channels)),
-            mean=tuple(_float(m) for m in p.mean), std=tuple(_float(s) for s in p.std), resize=str(p.resize),
-        )
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{source}: malformed preprocessing ({e})") from e
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, Mapping):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (str, int, bool)) or x is None:
-        return x
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    try:
-        return float(x)
-    except (TypeError, ValueError):
-        return str(x)
-
-
 def default_weight_name(arch: str, input_size: int, path: Path | None) -> str:
     """``arch-res<size>-<run folder>``, the naming of pneumoscan weights."""
     return f"{arch}-res{input_size}-{Path(path).parent.name if path else 'checkpoint'}"
@@ -334,15 +267,54 @@ def default_model_dir() -> Path:
     return Path(str(resources.files("pneumoscan").joinpath(DEFAULT_DIR)))
 
 
-def default_manifest() -> dict[str, Any]:
-    """The shipped default model's manifest (``name``, ``file``, ``sha256``, ...)."""
-    f = default_model_dir() / DEFAULT_MANIFEST
+def default_manifest(folder: str | Path | None = None) -> dict[str, Any]:
+    """The shipped default model's manifest (``name``, ``file``, ``sha256``, and ``onnx_file``,
+    ``onnx_sha256`` for its ONNX export, ...).
+
+    Args:
+        folder: where it lies (default :func:`default_model_dir`).
+    """
+    f = Path(folder or default_model_dir()) / DEFAULT_MANIFEST
     if not f.is_file():
         raise CheckpointError(f"the default model is not installed ({f} missing); pass --checkpoint")
     try:
         return json.loads(f.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"the default model's manifest {f} is unreadable ({e})") from e
+
+
+def default_onnx() -> BundleRef | None:
+    """The shipped default model's ONNX export, verified against its manifest's
+    ``onnx_sha256`` (its ``.pt`` file is not read: a loader of the ``.pt`` checks that); ``None``
+    when the manifest lists no export. The ONNX runtime's own path: no PyTorch.
+
+    Raises:
+        CheckpointError: the listed file is missing or fails its checksum.
+    """
+    man = default_manifest()
+    if not man.get("onnx_file"):
+        return None
+    path = default_model_dir() / str(man["onnx_file"])
+    if not path.is_file():
+        raise CheckpointError(f"default model file missing: {path}")
+    digest = sha256_file(path)
+    if digest != man.get("onnx_sha256"):
+        raise CheckpointError(f"default model {path.name} failed its checksum (sha256 {digest[:12]}…, expected {str(man.get('onnx_sha256'))[:12]}…)")
+    return BundleRef(path, digest, True)
+
+
+def record_default_onnx(onnx_file: str | Path) -> None:
+    """List an ONNX export in the manifest beside it (``onnx_file``, ``onnx_sha256``).
+
+    Args:
+        onnx_file: the export, in the default model's folder.
+    """
+    from ..utils.io import atomic_write_text
+
+    f = Path(onnx_file)
+    man = default_manifest(f.parent)
+    man.update(onnx_file=f.name, onnx_sha256=sha256_file(f))
+    atomic_write_text(f.parent / DEFAULT_MANIFEST, json.dumps(man, indent=2) + "\n")
 
 
 def bundle_ref(checkpoint: str | Path | None) -> BundleRef:
@@ -415,7 +387,9 @@ def _torch_load(data: bytes, path: Path) -> Any:
     import torch
 
     if data[:2] != b"PK" and not data[:1] == b"\x80":
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint file (it looks like {_looks_like(data)})")
+        kind = _looks_like(data)
+        hint = " (give it with --onnx)" if kind == "an ONNX model" else ""
+        raise CheckpointError(f"{path} is {kind}, not a pneumoscan checkpoint{hint}")
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -433,7 +407,7 @@ def _looks_like(data: bytes) -> str:
     if head.startswith((b"\xff\xd8\xff", b"\x89PNG")) or head[128:132] == b"DICM":
         return "an image"
     if head.startswith(b"\x08") or b"onnx" in head[:64].lower() or b"pytorch" in head[:64].lower():
-        return "an ONNX model; use --onnx"
+        return "an ONNX model"
     try:
         head.decode("utf-8")
         return "a text file"
@@ -460,3 +434,36 @@ def save_bundle(bundle: ModelBundle, path: str | Path) -> str:
         raise CheckpointError(f"cannot write checkpoint {p} ({e.strerror or e}); the previous file is unchanged") from e
     bundle.sha256, bundle.path = hashlib.sha256(data).hexdigest(), p
     return bundle.sha256
+
+
+def save_default(bundle: ModelBundle, dest_dir: str | Path, name: str, extra: Mapping[str, Any] | None = None) -> Path:
+    """Write a bundle as a shippable default model (what builds ``assets/default``): fp16
+    weights, no training state, named ``name``, plus the manifest with its sha256.
+
+    Args:
+        bundle: the trained model.
+        dest_dir: destination folder (created if needed).
+        name: the weights' name (and file stem).
+        extra: more manifest entries (recipe, data, model card file, ...).
+
+    Returns:
+        The written ``<name>.pt``.
+    """
+    import torch
+
+    from ..utils.io import atomic_write_text
+
+    sd = {k: (v.half() if torch.is_floating_point(v) else v) for k, v in (bundle.state_dict or {}).items()}
+    b = bundle.deployable().replace(state_dict=sd, name=name)
+    dest = Path(dest_dir)
+    dest.mkdir(parents=True, exist_ok=True)
+    f = dest / f"{name}.pt"
+    manifest = {
+        "name": name, "file": f.name, "sha256": save_bundle(b, f), "model_name": b.arch,
+        "threshold": b.threshold, "temperature": b.temperature, "threshold_method": b.threshold_method,
+        "val_metrics": jsonable(b.val_metrics), "preprocessing": b.preprocessing.to_dict(),
+        "data_license": "Kermany et al. 2018, doi:10.17632/rscbjbr9sj.2, CC BY 4.0",
+        **(extra or {}),
+    }
+    atomic_write_text(dest / DEFAULT_MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    return f

@@ -204,6 +204,7 @@
     if (heatmap && heatmap.png_base64) {
       ov.src = "data:image/png;base64," + heatmap.png_base64;
       show(ov, true);
+      show($("heat-legend"), true);
       slider.disabled = false;
       $("overlay-note").textContent = "Grad-CAM" + (heatmap.layer ? " on layer " + heatmap.layer : "") +
         ": warm colours mark the regions that most supported the model's answer.";
@@ -211,6 +212,7 @@
     } else {
       ov.removeAttribute("src");
       show(ov, false);
+      show($("heat-legend"), false);
       slider.disabled = true;
       const caps = (state.model && state.model.capabilities) || {};
       $("overlay-note").textContent = caps.heatmap ? "" : "Grad-CAM is not available on this server.";

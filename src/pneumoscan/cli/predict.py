@@ -1,0 +1,479 @@
+"""``pneumoscan predict``: predict pneumonia on files, folders, glob patterns or the bundled samples.
+
+``pneumoscan predict PATH...`` takes files, folders (searched recursively for JPEG, PNG,
+DICOM, ...) and glob patterns, and prints one answer per image in input order: the
+calibrated probability of pneumonia, the label at the model's operating threshold, the
+model's name and weight id; or why the file could not be read (``error``) or was refused as
+not a chest X-ray (``refused``). A summary line ends the run on stderr. The exit code is 1
+when any file failed or any heat map could not be written (refusals are answers, not
+failures); the rows of the images that were scored are printed all the same.
+
+Output safety: the table and CSV show text from the data (file names, reasons quoting DICOM
+attributes) escaped by :func:`~pneumoscan.utils.text.safe_text` (``\\x0a``, ``\\x1b``: one row
+per image, no terminal escape codes), and a CSV text cell that starts with ``= + - @`` (or a
+tab or carriage return) gets a leading ``'`` so that spreadsheets show it instead of running
+it as a formula. JSON lines are exact (JSON escapes control characters itself).
+
+Heat maps (``--heatmap DIR``) are named after each input file (``x.gradcam.png``); inputs
+whose names would clash (``a/x.jpg``, ``b/x.jpg``) get a short hash of their path
+(``x-1a2b3c4d.gradcam.png``), so every input file has its own file. Files already in DIR are
+never replaced silently: predict refuses before any work unless ``--overwrite`` is given.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import glob
+import hashlib
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections import Counter
+from functools import partial
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping, TextIO
+
+from ..data.dicom_reader import DICOM_IDENTIFIERS
+from ..data.io import IMAGE_SUFFIXES
+from ..data.limits import DECODE_MEMORY
+from ..errors import ConfigError, PneumoscanError
+from ..explain.figure import HEATMAP_STYLES
+from ..inference import Prediction, Predictor
+from ..utils.io import os_error_reason
+from ..utils.text import safe_text
+from . import STDOUT_NAME
+
+log = logging.getLogger(__name__)
+
+#: Fewer inputs than this show no progress bar.
+PROGRESS_MIN_FILES = 10
+SAMPLES_DIR = "assets/samples"
+_GLOB_CHARS = set("*?[")
+#: The longest text one table or CSV cell shows (escaped; paths up to PATH_MAX fit).
+CELL_LIMIT = 4096
+#: First characters that make a spreadsheet read a CSV cell as a formula.
+CSV_FORMULA_CHARS = ("=", "+", "-", "@", "\t", "\r")
+#: Default ``--decode-timeout``: seconds one file may take to decode (in a worker process).
+DECODE_TIMEOUT_S = 30.0
+HEATMAP_SUFFIX = ".gradcam.png"
+#: ``schema_version`` of every JSON line (raised when a key changes meaning or disappears).
+JSON_SCHEMA_VERSION = "1"
+#: Longest heat-map file stem, in UTF-8 bytes (file names are limited to 255).
+STEM_BYTES = 120
+
+
+# ----------------------------------------------------------------------------- inputs
+def sample_files() -> list[Path]:
+    """The sample chest X-rays bundled with pneumoscan (JPEG and DICOM), sorted."""
+    d = Path(str(resources.files("pneumoscan").joinpath(SAMPLES_DIR)))
+    if not d.is_dir():
+        raise ConfigError(f"the bundled samples are not installed ({d} missing)")
+    files = sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ConfigError(f"no sample images in {d}")
+    return files
+
+
+def expand_inputs(args: Iterable[str]) -> list[tuple[str, str | None]]:
+    """Files, folders and glob patterns → image paths, in input order.
+
+    Folders are searched recursively for files with an image suffix (hidden files skipped,
+    sorted); patterns are expanded with ``**`` support (sorted); other arguments are kept as
+    given (a missing file is reported by the reader).
+
+    Returns:
+        ``(path, None)`` per image and ``(argument, reason)`` where an argument yields nothing
+        (a pattern matching no file, a folder without images), in input order.
+    """
+    out: list[tuple[str, str | None]] = []
+    for a in args:
+        p = Path(a)
+        if p.is_dir():
+            found = sorted(
+                str(f) for f in p.rglob("*")
+                if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not any(part.startswith(".") for part in f.relative_to(p).parts)
+            )
+            out += [(f, None) for f in found] or [(a, "folder holds no images (JPEG, PNG, DICOM, ...)")]
+        elif not p.exists() and _GLOB_CHARS & set(a):
+            found = sorted(f for f in glob.glob(a, recursive=True) if Path(f).is_file())
+            out += [(f, None) for f in found] or [(a, "no file matches this pattern")]
+        else:
+            out.append((a, None))
+    return out
+
+
+# ----------------------------------------------------------------------------- output
+def csv_cell(value: object) -> str:
+    """A CSV text cell safe to print and to open in a spreadsheet: escaped by
+    :func:`~pneumoscan.utils.text.safe_text`, with a ``'`` in front when it would start with
+    a formula character (:data:`CSV_FORMULA_CHARS`).
+
+    Args:
+        value: the cell's text (``None`` gives an empty cell).
+    """
+    text = safe_text(value, CELL_LIMIT)
+    return "'" + text if text.startswith(CSV_FORMULA_CHARS) else text
+
+
+@contextlib.contextmanager
+def _naming_stream(stream: TextIO) -> Iterator[None]:
+    """An OSError while printing (a full disk behind ``> out.csv``) names the output stream,
+    so the error line says what could not be written."""
+    try:
+        yield
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        if e.filename is None:
+            e.filename = STDOUT_NAME if stream is sys.stdout else getattr(stream, "name", None)
+        raise
+
+
+class _Writer:
+    """Prints predictions as a table, JSON lines (each with ``schema_version``) or CSV."""
+
+    CSV_FIELDS = ("path", "probability", "label", "threshold", "model", "weights", "guard_score", "status", "reason", "heatmap_file",
+                  *DICOM_IDENTIFIERS, "dicom_output")
+
+    def __init__(self, fmt: str, stream: TextIO, path_width: int, bar: Any = None, heatmaps: bool = False) -> None:
+        self.fmt = fmt
+        self.heatmaps = heatmaps  # the table shows where each heat map went
+        self.stream = stream
+        self.width = max(8, min(path_width, 70))
+        self.bar = bar
+        self.csv = csv.writer(stream, lineterminator="\n") if fmt == "csv" else None
+
+    def _emit(self, line: str) -> None:
+        with _naming_stream(self.stream):
+            if self.bar is not None and not self.bar.disable:
+                self.bar.write(line, file=self.stream)
+            else:
+                print(line, file=self.stream, flush=True)
+
+    def _csv_row(self, cells: list[str]) -> None:
+        with _naming_stream(self.stream):
+            self.csv.writerow(cells)  # type: ignore[union-attr]
+            self.stream.flush()
+
+    def header(self) -> None:
+        if self.fmt == "table":
+            self._emit(f"{'path':<{self.width}}  {'probability':>11}  label" + ("      heatmap" if self.heatmaps else ""))
+        elif self.csv is not None:
+            self._csv_row(list(self.CSV_FIELDS))
+
+    def row(self, p: Prediction) -> None:
+        if self.fmt == "json":
+            self._emit(json.dumps({"schema_version": JSON_SCHEMA_VERSION, **p.to_dict()}))
+        elif self.csv is not None:
+            prob = "" if p.probability is None else f"{p.probability:.6f}"
+            score = p.extra.get("guard_score", "")
+            self._csv_row([
+                csv_cell(p.path), prob, csv_cell(p.label), f"{p.threshold:.6f}", csv_cell(p.model), csv_cell(p.extra.get("weights")),
+                score if isinstance(score, (int, float)) else csv_cell(score), p.status, csv_cell(p.error or p.refused),
+                csv_cell(p.extra.get("heatmap_file")), *(csv_cell(p.extra.get(k)) for k in (*DICOM_IDENTIFIERS, "dicom_output")),
+            ])
+        else:
+            path = safe_text(p.path, CELL_LIMIT)
+            if len(path) > self.width:
+                path = "…" + path[-(self.width - 1):]
+            if p.error is not None:
+                tail = f"{'-':>11}  ERROR: {safe_text(p.error, CELL_LIMIT)}"
+            elif p.refused is not None:
+                tail = f"{'-':>11}  REFUSED: {safe_text(p.refused, CELL_LIMIT)}"
+            else:
+                tail = f"{p.probability:>11.3f}  {p.label}"
+                if self.heatmaps:
+                    tail = f"{tail:<22}  {safe_text(p.extra.get('heatmap_file') or '-', CELL_LIMIT)}"
+            self._emit(f"{path:<{self.width}}  {tail}")
+
+
+# ----------------------------------------------------------------------------- heat maps
+def _safe_stem(path: str) -> str:
+    """A file-name stem from an input's name: letters, digits and ``-_.+`` (others become
+    ``_``), no leading dot, at most :data:`STEM_BYTES` bytes."""
+    stem = "".join(ch if ch.isalnum() or ch in "-_.+" else "_" for ch in Path(path).stem[:STEM_BYTES]).lstrip(".")
+    while len(stem.encode("utf-8")) > STEM_BYTES:
+        stem = stem[:-1]
+    return stem or "image"
+
+
+def heatmap_names(paths: Iterable[str]) -> dict[str, str]:
+    """The heat-map file name of every input file: unique per file, stable for a given set
+    of inputs.
+
+    An input is keyed by its absolute path (the same file given twice has one heat map). It
+    is named after its stem (``x.gradcam.png``) unless another input has the same stem
+    (compared case-insensitively, for case-insensitive file systems); those get the first 8
+    hex digits of their path's sha256 (``x-1a2b3c4d.gradcam.png``, and a counter on the
+    unlikely clash with another name).
+
+    Args:
+        paths: the input files, as given.
+
+    Returns:
+        Absolute path → file name.
+    """
+    keys = list(dict.fromkeys(os.path.abspath(p) for p in paths))
+    stems = {k: _safe_stem(k) for k in keys}
+    count = Counter(s.casefold() for s in stems.values())
+    names = {k: s for k, s in stems.items() if count[s.casefold()] == 1}
+    taken = {n.casefold() for n in names.values()}
+    for k, stem in stems.items():
+        if k in names:
+            continue
+        base = f"{stem}-{hashlib.sha256(os.fsencode(k)).hexdigest()[:8]}"
+        name, i = base, 1
+        while name.casefold() in taken:
+            i += 1
+            name = f"{base}-{i}"
+        names[k] = name
+        taken.add(name.casefold())
+    return {k: names[k] + HEATMAP_SUFFIX for k in keys}
+
+
+def _prepare_heatmap_dir(heat_dir: Path, names: Mapping[str, str], overwrite: bool) -> None:
+    """Create ``heat_dir`` and check, before any work, that files can be written there and
+    that no heat map would replace an existing file (unless ``overwrite``).
+
+    Raises:
+        ConfigError: not a folder, not writable, or files in the way (one line).
+    """
+    if heat_dir.exists() and not heat_dir.is_dir():
+        raise ConfigError(f"--heatmap {heat_dir}: not a folder")
+    try:
+        heat_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".pneumoscan-probe-", dir=heat_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"--heatmap {heat_dir}: cannot write there ({os_error_reason(e, path=False)})") from e
+    if not overwrite:
+        taken = [n for n in names.values() if os.path.lexists(heat_dir / n)]
+        if taken:
+            raise ConfigError(
+                f"--heatmap {heat_dir}: {len(taken)} heat map file(s) already there (e.g. {taken[0]}); "
+                "add --overwrite to replace them, or choose another folder"
+            )
+
+
+def _heatmap_saver(
+    out_dir: Path | None, names: Mapping[str, str], overwrite: bool, failures: list[str], *, style: str = "figure", dicom: Any = None,
+    decode_timeout: float | None = None,
+) -> Callable[[Prediction], None]:
+    """The ``on_heatmap`` callback of :meth:`Predictor.predict_paths`: writes each heat map
+    atomically under its name from :func:`heatmap_names` (``style`` ``"figure"``: original |
+    overlay + colour bar + caption, panels at most 1024 px; ``"overlay"``: the overlay alone at
+    the original resolution) and, with ``dicom`` (a
+    :class:`~pneumoscan.workflows.dicom_output.SecondaryCaptureWriter`), the figure of each DICOM
+    input as a Secondary Capture. The image is read again in a worker process stopped after
+    ``decode_timeout`` seconds when that is given. A write that fails is one error line (path
+    and reason) appended to ``failures``, and the prediction is still printed."""
+    from ..core.imaging import resize_float
+    from ..data.io import read_image_with_meta
+    from ..data.isolated import decode_isolated
+    from ..explain import save_overlay
+    from ..explain.figure import FIGURE_MAX_SIDE, Caption, heatmap_figure, save_png
+    from ..inference.reading import error_reason
+    from ..utils.io import atomic_path
+
+    written: dict[str, dict[str, str]] = {}
+
+    def save(pred: Prediction) -> None:
+        key = os.path.abspath(str(pred.path))
+        if key in written:  # the same file given twice: one heat map
+            pred.extra.update(written[key])
+            return
+        if pred.heatmap is None:
+            return
+        files: dict[str, str] = {}
+        caption = Caption(pred.probability, pred.label, pred.threshold, pred.model, pred.extra.get("weights"))
+        try:  # the overlay at the original resolution; figures from a reduced read (predict decoded it smaller still)
+            read = read_image_with_meta if decode_timeout is None else partial(decode_isolated, timeout_s=decode_timeout)
+            image, meta = read(str(pred.path), max_side=None if style == "overlay" else FIGURE_MAX_SIDE)
+            to_dicom = dicom is not None and meta.get("format") == "DICOM"
+            figure = heatmap_figure(image, pred.heatmap, caption) if style == "figure" or to_dicom else None
+            if out_dir is not None:
+                target = out_dir / names[key]
+                with atomic_path(target, overwrite=overwrite) as tmp:
+                    if figure is not None and style == "figure":
+                        save_png(tmp, figure)
+                    else:
+                        save_overlay(tmp, image, resize_float(pred.heatmap, image.shape[0], image.shape[1]))
+                files["heatmap_file"] = str(target)
+            if to_dicom:
+                files["dicom_output"] = str(dicom.write(str(pred.path), figure, caption.text()))
+        except PneumoscanError as e:
+            why = f"{pred.path}: {error_reason(e)}"
+        except OSError as e:
+            why = os_error_reason(e) + (" (add --overwrite to replace it)" if isinstance(e, FileExistsError) else "")
+        else:
+            why = ""
+        pred.extra.update(files)
+        written[key] = files
+        if why:
+            failures.append(why)
+            log.error("error: heat map not written: %s", why)
+
+    return save
+
+
+def _dicom_writer(folder: str) -> Any:
+    """The Secondary Capture writer of ``--output-dicom DIR`` (checked before any work)."""
+    from ..workflows.dicom_output import SecondaryCaptureWriter
+
+    d = Path(folder)
+    if d.exists() and not d.is_dir():
+        raise ConfigError(f"--output-dicom {d}: not a folder")
+    try:
+        return SecondaryCaptureWriter(d)
+    except OSError as e:
+        raise ConfigError(f"--output-dicom {d}: cannot write there ({os_error_reason(e, path=False)})") from e
+
+
+# ----------------------------------------------------------------------------- predict
+def run_summary(counts: Mapping[str, int], seconds: float) -> str:
+    """The summary line of a run: what was predicted, refused and unreadable; a throughput only
+    when images were scored (a run where every file failed measured nothing).
+
+    Args:
+        counts: ``ok``, ``pneumonia``, ``refused`` and ``error`` counts.
+        seconds: the run's wall time.
+    """
+    scored = counts["ok"] + counts["refused"]
+    failed = counts["error"]
+    unreadable = f"{failed} file{'s' if failed != 1 else ''} could not be read"
+    if not scored:
+        return f"nothing predicted: {unreadable}" if failed else "nothing predicted"
+    rate = f"{scored / seconds:.1f} images/s" if seconds > 0 else "time not measured"
+    return f"{counts['ok']} predicted ({counts['pneumonia']} PNEUMONIA), {counts['refused']} refused, {failed} failed; {rate}"
+
+
+def _build_predictor(args: argparse.Namespace) -> Predictor:
+    from ..inference import load_predictor
+
+    kwargs: dict[str, Any] = {"batch_size": args.batch_size, "tta": args.tta or "none", "guard": not args.no_guard}
+    if args.onnx and args.checkpoint:
+        raise ConfigError("give --onnx FILE or --checkpoint CKPT, not both (an exported file carries its own calibration)")
+    backend = "onnx" if args.onnx else args.backend
+    return load_predictor(args.checkpoint, backend=backend, onnx=args.onnx, **kwargs)
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    entries = expand_inputs(args.paths or [])
+    if args.samples:
+        entries += [(str(p), None) for p in sample_files()]
+    if not entries:
+        raise ConfigError("nothing to predict: give image files, folders or glob patterns (or --samples)")
+    paths = [p for p, why in entries if why is None]
+    predictor = _build_predictor(args)
+    heat_dir = Path(args.heatmap) if args.heatmap else None
+    heat_names = heatmap_names(paths) if heat_dir is not None else {}
+    dicom_out = _dicom_writer(args.output_dicom) if args.output_dicom else None
+    maps = heat_dir is not None or dicom_out is not None
+    if maps:
+        predictor.heatmap_layer(args.layer)  # no model to explain, or unknown layer: one clear error before any work
+    if heat_dir is not None:
+        _prepare_heatmap_dir(heat_dir, heat_names, args.overwrite)
+    log.info(
+        "model %s%s, threshold %.3f, backend %s%s%s", predictor.name,
+        f" (weights {predictor.weights_id})" if predictor.weights_id else "", predictor.threshold,
+        predictor.backend,
+        f", TTA {predictor.tta}" if predictor.tta != "none" else "", "" if predictor.guard is not None else ", guard off",
+    )
+    stream = sys.stdout
+    show_bar = not args.no_progress and len(entries) >= PROGRESS_MIN_FILES and sys.stderr.isatty()
+    bar = tqdm(total=len(entries), file=sys.stderr, unit="img", disable=not show_bar, leave=False)
+    writer = _Writer(args.format, stream, max(len(safe_text(p, CELL_LIMIT)) for p, _ in entries), bar, heatmaps=heat_dir is not None)
+    counts = {"ok": 0, "pneumonia": 0, "refused": 0, "error": 0}
+    t0 = time.perf_counter()
+    writer.header()
+
+    def report(pred: Prediction) -> None:
+        counts[pred.status] += 1
+        counts["pneumonia"] += pred.label == "PNEUMONIA"
+        writer.row(pred)
+        if pred.error is not None and args.format != "table":
+            log.error("%s: %s", pred.path, pred.error)
+        bar.update(1)
+
+    heat_failures: list[str] = []
+    timeout = args.decode_timeout or None  # 0: decode in-process
+    saver = _heatmap_saver(heat_dir, heat_names, args.overwrite, heat_failures, style=args.heatmap_style, dicom=dicom_out,
+                           decode_timeout=timeout) if maps else None
+    stream_preds = predictor.predict_paths(paths, heatmap=maps, layer=args.layer, on_heatmap=saver, decode_timeout=timeout)
+    for arg, why in entries:  # answers in input order, unusable arguments in their place
+        if why is not None:
+            report(Prediction(arg, None, None, predictor.threshold, predictor.name, error=why))
+        else:
+            report(next(stream_preds))
+    bar.close()
+    log.info("%s", run_summary(counts, time.perf_counter() - t0))
+    if heat_failures:
+        log.error("%d heat map(s) could not be written", len(heat_failures))
+    return 1 if counts["error"] or heat_failures else 0
+
+
+def _seconds(text: str) -> float:
+    """``--decode-timeout`` values: finite seconds >= 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not 0 <= v < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}")
+    return v
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``predict`` sub-command.
+
+    Args:
+        sub: the ``pneumoscan`` parser's sub-command action.
+    """
+    p = sub.add_parser(
+        "predict", help="predict pneumonia on chest X-rays (JPEG, PNG, DICOM)",
+        description="Predict pneumonia on chest X-ray files, folders (recursive) and glob patterns. Without --checkpoint "
+        "the shipped default model answers. Inputs that are not chest X-rays are refused (see --no-guard).",
+    )
+    p.add_argument("paths", nargs="*", metavar="PATH", help="image files, folders or glob patterns")
+    p.add_argument("--checkpoint", help="a .pt checkpoint or run directory (default: the shipped model)")
+    p.add_argument("--format", choices=["table", "json", "csv"], default="table",
+                   help="table (default), json (one object per line, exact text) or csv. Table and CSV show control "
+                        "characters of file names and reasons escaped (\\x0a, \\x1b); a CSV text cell starting with "
+                        "= + - @ gets a leading ' so spreadsheets do not run it as a formula")
+    p.add_argument("--heatmap", metavar="DIR",
+                   help="save Grad-CAM overlays (PNG, original resolution) into DIR as NAME.gradcam.png (inputs with the "
+                        "same name get a short hash of their path: NAME-1a2b3c4d.gradcam.png)")
+    p.add_argument("--heatmap-style", choices=list(HEATMAP_STYLES), default="figure",
+                   help="figure (default): the original beside the overlay, a 0-1 colour bar and a caption (probability, "
+                        "label, threshold, model), each panel at most 1024 px; overlay: the overlay alone at the original resolution")
+    p.add_argument("--output-dicom", metavar="DIR",
+                   help="for each DICOM input, write a DICOM Secondary Capture of the heat-map figure (result burnt in, "
+                        "filed in the source study: same StudyInstanceUID and patient, a new series) into DIR")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace heat maps already in the --heatmap folder (default: refuse before predicting)")
+    p.add_argument("--layer", help="Grad-CAM target layer (default: the model's; see 'pneumoscan models --json')")
+    p.add_argument("--backend", choices=["auto", "torch", "torch-bf16", "onnx"], default="auto",
+                   help="auto (default: onnxruntime when installed — same probabilities as PyTorch within 1e-5, "
+                        "several times faster on CPUs — else PyTorch), torch, torch-bf16 (bf16 autocast: "
+                        "CPUs with AVX512-BF16/AMX) or onnx (the checkpoint is exported to the cache on first use)")
+    p.add_argument("--onnx", metavar="FILE", help="an ONNX file from 'pneumoscan export' (implies --backend onnx)")
+    p.add_argument("--tta", action="store_const", const="flip", help="test-time augmentation: average the image and its horizontal flip")
+    p.add_argument("--tta-crops", dest="tta", action="store_const", const="crops",
+                   help="test-time augmentation with crops: image, flip, 90%% centre crop and its flip")
+    p.add_argument("--samples", action="store_true", help="predict the sample X-rays bundled with pneumoscan")
+    p.add_argument("--no-guard", action="store_true", help="answer even for inputs that do not look like chest X-rays")
+    p.add_argument("--decode-timeout", type=_seconds, default=DECODE_TIMEOUT_S, metavar="SECONDS",
+                   help=f"decode each file in a worker process stopped after SECONDS (and {DECODE_MEMORY >> 20} MB of memory): "
+                        f"a file that hangs or exhausts the decoder is one error row, not a stuck run (default {DECODE_TIMEOUT_S:g}; "
+                        "0: decode in-process, faster, for trusted files)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8: fastest on CPUs, see docs/benchmarks.md)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_predict)
