@@ -167,8 +167,10 @@ def test_upload_shows_probability_and_overlay(watch: PageWatch, model_info: dict
         page.dispatch_event("#opacity", "input")
         assert page.evaluate("getComputedStyle(document.getElementById('overlay')).opacity") == "0.8"
         assert page.inner_text("#opacity-value") == "80 %"
+        assert page.is_visible("#heat-legend")  # the colour scale of the map, 0 -> 1 in jet
+        assert "linear-gradient" in page.evaluate("getComputedStyle(document.querySelector('.heat-legend-bar')).backgroundImage")
     else:  # no Grad-CAM on this server: the page says so and shows no overlay
-        assert page.is_hidden("#overlay") and page.is_disabled("#opacity")
+        assert page.is_hidden("#overlay") and page.is_disabled("#opacity") and page.is_hidden("#heat-legend")
         assert "not available" in page.inner_text("#overlay-note")
     _screenshot(page, tmp_path, "page-result.png")
     assert watch.external == []

@@ -211,6 +211,21 @@ def test_slow_header_client_is_dropped(predictor: Predictor) -> None:
             assert time.monotonic() - t0 < 4.0
 
 
+def test_client_that_does_not_read_its_response_is_dropped(predictor: Predictor) -> None:
+    """A 1.5 MB response to a client that reads nothing (small socket buffers on both sides,
+    so the kernel cannot absorb it): the server drops the connection after the send timeout."""
+    srv = Server(predictor, send_timeout_s=1.0)
+    srv.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # inherited by accepted sockets
+    with srv, socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(("127.0.0.1", srv.port))
+        s.sendall(f"GET /docs-assets/swagger-ui-bundle.js HTTP/1.1\r\nHost: 127.0.0.1:{srv.port}\r\n\r\n".encode())
+        time.sleep(2.5)
+        received = len(_read_all(s, timeout=3.0))  # what the buffers held, then the server's close
+        assert 0 < received < 1_000_000, received
+        assert len(srv.server.server_state.connections) == 0
+
+
 # ----------------------------------------------------------------------------- the upload budget
 def test_budget_squatting_does_not_block_a_normal_upload(predictor: Predictor, xray: bytes) -> None:
     """Two chunked uploads and two with a declared 1 MB body trickle a byte a second into a
@@ -253,6 +268,31 @@ def test_budget_squatting_does_not_block_a_normal_upload(predictor: Predictor, x
             for s in squatters:
                 s.close()
         assert all(a.startswith(b"HTTP/1.1 408") for a in answers), answers
+        assert srv.app.state.budget.used == 0
+
+
+def test_chunked_upload_grows_its_reservation(predictor: Predictor) -> None:
+    """A chunked upload (no Content-Length) larger than its first 1 MB step is read to the end
+    and answered; the budget is back to zero afterwards."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    noise = np.random.default_rng(0).integers(0, 256, (1200, 1400), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noise).save(buf, format="PNG", compress_level=1)
+    body = b"--bnd\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.png\"\r\n\r\n" + buf.getvalue() + b"\r\n--bnd--\r\n"
+    assert len(body) > 1_500_000
+
+    def chunks() -> Iterator[bytes]:
+        for i in range(0, len(body), 65536):
+            yield body[i:i + 65536]
+
+    with Server(predictor, max_upload_mb=4) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
+        r = c.post("/v1/predict", content=chunks(), headers={"content-type": "multipart/form-data; boundary=bnd"})
+        assert r.status_code == 200, r.text
+        assert r.json()["image"]["bytes"] == len(buf.getvalue())
         assert srv.app.state.budget.used == 0
 
 
@@ -318,11 +358,13 @@ def test_host_header_must_be_a_served_name(predictor: Predictor) -> None:
 def test_head_on_page_static_and_docs(predictor: Predictor) -> None:
     with Server(predictor) as srv, httpx.Client(base_url=srv.url, timeout=10) as c:
         for path in ("/", "/static/app.js", "/static/style.css", "/favicon.ico", "/docs", "/docs-assets/swagger-ui.css",
-                     "/openapi.json", "/healthz"):
+                     "/openapi.json"):
             got, head = c.get(path), c.head(path)
             assert got.status_code == head.status_code == 200, path
             assert head.content == b"" and head.headers["content-length"] == str(len(got.content)), path
             assert head.headers["content-type"] == got.headers["content-type"], path
+        head = c.head("/healthz")
+        assert head.status_code == 200 and head.content == b"" and int(head.headers["content-length"]) > 0
         assert c.head("/v1/predict").status_code == 405
 
 

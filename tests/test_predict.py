@@ -260,7 +260,7 @@ def test_default_model_loads_verified_and_refuses_a_corrupted_copy(tmp_path: Pat
     with pytest.raises(CheckpointError, match="checksum"):
         dm.load_bundle(None)
     with pytest.raises(CheckpointError, match="checksum"):
-        load_predictor(None)
+        load_predictor(None, backend="torch")  # "auto" runs the shipped ONNX export and never reads the .pt
 
 
 def test_predict_without_checkpoint_uses_the_default_model(cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -23,7 +23,8 @@ class DataConfig:
         root: dataset folder (``ROOT/{train,val,test}/{NORMAL,PNEUMONIA}``) or CSV manifest.
         train_split: split folder used for training.
         val_source: ``"grouped"`` (patient-grouped split of train, default), ``"official"``
-            (the folder's ``val`` split) or a path to a CSV manifest.
+            (the folder's ``val`` split), a path to a CSV manifest, or ``"fold:I/K"`` (fold I
+            of a patient-grouped K-fold split of train, as ``train --folds K`` sets it).
         val_fraction: share of train patients held out for validation.
         split_seed: seed of the grouped split.
         cache: keep decoded uint8 images in memory (no JPEG decoding after epoch 1).
@@ -56,6 +57,15 @@ class AugmentConfig:
         rotation: maximum rotation in degrees.
         brightness: brightness jitter strength.
         contrast: contrast jitter strength.
+        gamma: gamma drawn log-uniformly in [1/(1+g), 1+g] for every image (0 = off).
+        equalize: probability of histogram equalisation (0 = off).
+        autocontrast: probability of autocontrast (stretching to the full grey range).
+        blur: probability of a Gaussian blur (sigma 0.3-1.5 pixels at the input size).
+        sharpen: probability of sharpening (factor 2).
+        noise: largest standard deviation of added Gaussian noise, fraction of the range (0 = off).
+        letterbox: probability of padding with black bars to an aspect up to 4:3, then resizing back.
+        jpeg: probability of JPEG re-compression at a quality in ``jpeg_quality``.
+        jpeg_quality: (min, max) JPEG quality of the re-compression.
     """
 
     enabled: bool = True
@@ -65,6 +75,15 @@ class AugmentConfig:
     rotation: float = 10.0
     brightness: float = 0.2
     contrast: float = 0.2
+    gamma: float = 0.0
+    equalize: float = 0.0
+    autocontrast: float = 0.0
+    blur: float = 0.0
+    sharpen: float = 0.0
+    noise: float = 0.0
+    letterbox: float = 0.0
+    jpeg: float = 0.0
+    jpeg_quality: tuple[int, int] = (30, 90)
 
 
 @dataclass
@@ -125,6 +144,10 @@ class TrainConfig:
         batch_size: images per step (per process under DDP).
         class_balance: ``"weighted_loss"`` (study), ``"sampler"`` or ``"none"``.
         label_smoothing: smoothing of the binary targets.
+        ema_decay: keep an exponential moving average of the weights with this decay (e.g.
+            0.999; 0 = off); validation, ``best.pt`` and ``last.pt`` then use the averaged weights.
+        shift_val_images: validation images also scored under fixed perturbations after every
+            epoch (``val_shift_*`` in the history; 0 = off).
         early_stopping_patience: stop after this many epochs without val-loss improvement (0 = off).
         min_epoch_for_best: only epochs >= this may become ``best.pt``.
         seed: global seed.
@@ -149,6 +172,8 @@ class TrainConfig:
     batch_size: int = 32
     class_balance: str = "weighted_loss"
     label_smoothing: float = 0.0
+    ema_decay: float = 0.0
+    shift_val_images: int = 256
     early_stopping_patience: int = 5
     min_epoch_for_best: int = 1
     seed: int = 0
@@ -225,6 +250,12 @@ class TrainConfig:
             (self.channels_last in {"auto", "on", "off"}, "channels_last must be auto, on or off"),
             (self.threshold_method in {"youden", "sensitivity", "f1"}, "threshold_method must be youden, sensitivity or f1"),
             (self.device in {"auto", "cpu", "cuda", "mps"} or self.device.startswith("cuda:"), "device must be auto, cpu, cuda or mps"),
+            (0.0 <= self.ema_decay < 1.0, "ema_decay must be in [0, 1)"),
+            (self.shift_val_images >= 0, "shift_val_images must be >= 0"),
+            (self.augment.gamma >= 0 and 0.0 <= self.augment.noise < 1.0, "augment.gamma must be >= 0 and augment.noise in [0, 1)"),
+            (all(0.0 <= getattr(self.augment, k) <= 1.0 for k in ("hflip", "equalize", "autocontrast", "blur", "sharpen", "letterbox", "jpeg")),
+             "augment probabilities (hflip, equalize, autocontrast, blur, sharpen, letterbox, jpeg) must be in [0, 1]"),
+            (1 <= self.augment.jpeg_quality[0] <= self.augment.jpeg_quality[1] <= 100, "augment.jpeg_quality must be (min, max) with 1 <= min <= max <= 100"),
         ]
         for ok, msg in checks:
             if not ok:

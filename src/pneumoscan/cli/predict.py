@@ -377,10 +377,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     heat_names = heatmap_names(paths) if heat_dir is not None else {}
     dicom_out = _dicom_writer(args.output_dicom) if args.output_dicom else None
     maps = heat_dir is not None or dicom_out is not None
-    if maps:
-        predictor.heatmap_layer(args.layer)  # no model to explain, or unknown layer: one clear error before any work
     if heat_dir is not None:
         _prepare_heatmap_dir(heat_dir, heat_names, args.overwrite)
+    if maps:
+        predictor.heatmap_layer(args.layer)  # no model to explain, or unknown layer: one clear error before any work
     log.info(
         "model %s%s, threshold %.3f, backend %s%s%s", predictor.name,
         f" (weights {predictor.weights_id})" if predictor.weights_id else "", predictor.threshold,
@@ -415,6 +415,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             report(next(stream_preds))
     bar.close()
     log.info("%s", run_summary(counts, time.perf_counter() - t0))
+    if dicom_out is not None:
+        log.info("%d DICOM secondary capture(s) written to %s (one per DICOM input)", len(dicom_out.files), dicom_out.out_dir)
     if heat_failures:
         log.error("%d heat map(s) could not be written", len(heat_failures))
     return 1 if counts["error"] or heat_failures else 0

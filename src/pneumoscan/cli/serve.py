@@ -13,8 +13,6 @@ from ..errors import ConfigError, PneumoscanError
 log = logging.getLogger(__name__)
 
 ENV_API_KEY = "PNEUMOSCAN_API_KEY"
-#: Names and addresses the ``Host`` header may carry by default (plus the bound address).
-DEFAULT_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -110,9 +108,11 @@ def _api_key(args: argparse.Namespace) -> str | None:
 def _allowed_hosts(args: argparse.Namespace) -> tuple[str, ...]:
     """--allowed-host values, else the bound address and the loopback names (and this
     machine's names when bound to every address)."""
+    from ..serving.settings import LOOPBACK_HOSTS
+
     if args.allowed_host:
         return tuple(args.allowed_host)
-    hosts = [*DEFAULT_HOSTS, args.host]
+    hosts = [*LOOPBACK_HOSTS, args.host]
     if args.host in ("0.0.0.0", "::", ""):
         hosts += [socket.gethostname(), socket.getfqdn()]
     return tuple(dict.fromkeys(h.lower() for h in hosts if h))

@@ -32,7 +32,8 @@ def closest(word: str, candidates: Sequence[str]) -> str | None:
 
 
 def unknown_message(parser: argparse.ArgumentParser, extras: Sequence[str]) -> str:
-    """One sentence about arguments ``parser`` did not recognise, with the closest option.
+    """One sentence about arguments ``parser`` did not recognise, with the closest option (words
+    after an unknown option are taken as its value and not mentioned).
 
     Args:
         parser: the (sub-command) parser that was left with ``extras``.
@@ -45,7 +46,7 @@ def unknown_message(parser: argparse.ArgumentParser, extras: Sequence[str]) -> s
     first = unknown[0].split("=", 1)[0]
     guess = closest(first, options)
     hint = f"did you mean {guess}?" if guess else f"see '{parser.prog} --help'"
-    more = f" (and {len(extras) - 1} more unrecognised argument{'s' if len(extras) > 2 else ''})" if len(extras) > 1 else ""
+    more = f"; also unknown: {', '.join(e.split('=', 1)[0] for e in unknown[1:])}" if len(unknown) > 1 else ""
     return f"unknown option {first} ({hint}){more}"
 
 

@@ -1,4 +1,5 @@
-"""``pneumoscan train``: train a registered model (also under torchrun for DDP)."""
+"""``pneumoscan train``: train a registered model (also under torchrun for DDP), or one run per
+fold of a patient-grouped cross-validation (``--folds K``)."""
 from __future__ import annotations
 
 import argparse
@@ -61,16 +62,23 @@ def build_train_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from ..workflows.cv import cross_validate, is_cv_run
     from ..workflows.train import train
 
     if args.resume:
+        if is_cv_run(args.resume):
+            return _report_cv(cross_validate(None, args.resume, resume=True))
         summary = train(None, args.resume, resume=True)
     else:
         if not args.out:
             raise PneumoscanError("train needs --out RUN_DIR (or --resume RUN_DIR)")
+        if args.folds is not None and args.folds < 2:
+            raise PneumoscanError(f"--folds must be >= 2, got {args.folds}")
         cfg = build_train_config(args)
         out = Path(args.out)
-        if (out / "last.pt").exists() and not args.overwrite:
+        if args.folds is not None:
+            return _report_cv(cross_validate(cfg, out, args.folds, overwrite=args.overwrite))
+        if ((out / "last.pt").exists() or is_cv_run(out)) and not args.overwrite:
             raise PneumoscanError(f"{out} already holds a run; use --resume {out} to continue it or --overwrite to start again")
         summary = train(cfg, out)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -81,6 +89,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 summary["run_dir"], vm.get("roc_auc", float("nan")), vm.get("sensitivity", float("nan")),
                 vm.get("specificity", float("nan")), summary.get("threshold", float("nan")),
             )
+    return 0
+
+
+def _report_cv(summary: dict) -> int:
+    """Log the one-line result of a cross-validation (rank 0)."""
+    if summary.get("oof"):
+        op, auc = summary["oof"]["operating_point"], summary["mean_sd"]["roc_auc"]
+        log.info(
+            "done: %s — %d folds, AUC %.4f ± %.4f, pooled out-of-fold AUC %.4f; operating point %.3f (%s): sensitivity %.3f, "
+            "specificity %.3f; summary in %s", summary["run_dir"], summary["folds"], auc["mean"], auc["sd"], summary["oof"]["roc_auc"],
+            op["threshold"], op["method"], op["sensitivity"], op["specificity"], summary["summary_file"],
+        )
     return 0
 
 
@@ -98,7 +118,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="run directory")
     p.add_argument("--config", help="YAML config file")
     p.add_argument("--preset", help="shipped preset (default, study_seed_cnn, study_vgg16, study_resnet50, ...)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run (or cross-validation)")
+    p.add_argument("--folds", type=int, nargs="?", const=5, metavar="K",
+                   help="patient-grouped K-fold cross-validation of the training data (K >= 2; 5 when --folds is given without a "
+                        "value): one run per fold in OUT/fold-<k>/, out-of-fold predictions and summary in OUT/cv/")
     p.add_argument("--overwrite", action="store_true", help="start again in a run directory that holds a run")
     p.add_argument("--epochs", type=int)
     p.add_argument("--lr", type=float)
@@ -109,7 +132,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--input-size", type=int)
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--device", help="auto, cpu, cuda, mps")
-    p.add_argument("--val-source", help="grouped (default), official, or a manifest CSV")
+    p.add_argument("--val-source", help="grouped (default), official, a manifest CSV, or fold:I/K")
     p.add_argument("--val-fraction", type=float)
     p.add_argument("--class-balance", choices=["weighted_loss", "sampler", "none"])
     p.add_argument("--threshold-method", choices=["youden", "sensitivity", "f1"])

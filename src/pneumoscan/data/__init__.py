@@ -12,7 +12,7 @@ from ..utils.lazy import lazy_exports
 _LAZY = {
     "Sample": ".datasets", "XrayDataset": ".datasets", "load_samples": ".datasets", "read_manifest": ".datasets",
     "scan_folder": ".datasets", "write_manifest": ".datasets",
-    "read_image": ".io", "read_image_with_meta": ".io",
+    "read_image": ".io", "read_image_with_meta": ".io", "decode_isolated": ".isolated", "sniff_format": ".formats",
     "parse_patient_id": ".patients", "grouped_stratified_split": ".splits",
     "Preprocessing": ".preprocessing",
 }
@@ -21,7 +21,9 @@ __all__ = sorted(_LAZY)
 
 if TYPE_CHECKING:
     from .datasets import Sample, XrayDataset, load_samples, read_manifest, scan_folder, write_manifest
+    from .formats import sniff_format
     from .io import read_image, read_image_with_meta
+    from .isolated import decode_isolated
     from .patients import parse_patient_id
     from .preprocessing import Preprocessing
     from .splits import grouped_stratified_split

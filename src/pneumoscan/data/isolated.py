@@ -10,6 +10,7 @@ per-file limit.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import multiprocessing
@@ -22,14 +23,17 @@ from typing import Any, Collection
 import numpy as np
 
 from ..errors import ImageReadError, ImageTooLargeError, UnsupportedFormatError
+from ..utils.text import safe_text
 from .io import ImageSource, name_of, read_bytes
-from .limits import DECODE_MEMORY, DECODE_TIMEOUT_S
+from .limits import DECODE_MEMORY, DECODE_TIMEOUT_S, MAX_PIXELS
 
 __all__ = ["decode_isolated"]
 
 log = logging.getLogger(__name__)
 
 _ERRORS = {cls.__name__: cls for cls in (ImageReadError, UnsupportedFormatError, ImageTooLargeError)}
+#: Largest JSON header a worker may send (metadata is a few hundred bytes).
+_MAX_HEADER_BYTES = 1 << 20
 _context: Any = None
 
 
@@ -75,10 +79,15 @@ def _limit_self(timeout_s: float, max_memory: int) -> None:
             pass
 
 
+def _send(conn: Connection, message: dict[str, Any]) -> None:  # pragma: no cover - runs in the child
+    conn.send_bytes(json.dumps(message, default=str).encode("utf-8"))
+
+
 def _worker(conn: Connection, data: bytes, name: str, max_side: int | None, formats: Collection[str] | None,
             timeout_s: float, max_memory: int) -> None:  # pragma: no cover - runs in the child
-    """Decode and send ``("ok", shape, meta)`` then the pixels as raw bytes, or
-    ``("error", class name, reason)``."""
+    """Decode and send a JSON header (``ok``, ``shape``, ``meta``) then the float32 pixels as
+    raw bytes, or a JSON error (``error``: class name, ``reason``). No pickle crosses back: a
+    worker whose decoder was subverted must not be able to run code in the parent."""
     from .io import decode_image
 
     _limit_self(timeout_s, max_memory)
@@ -86,16 +95,35 @@ def _worker(conn: Connection, data: bytes, name: str, max_side: int | None, form
         arr, meta = decode_image(data, name, max_side=max_side, formats=formats)
         del data
         arr = np.ascontiguousarray(arr, dtype=np.float32)
-        conn.send(("ok", arr.shape, meta))
+        _send(conn, {"ok": True, "shape": list(arr.shape), "meta": meta})
         conn.send_bytes(memoryview(arr).cast("B"))
     except ImageReadError as e:
-        conn.send(("error", type(e).__name__, e.reason))
+        _send(conn, {"ok": False, "error": type(e).__name__, "reason": e.reason})
     except MemoryError:
-        conn.send(("error", "ImageTooLargeError", f"image too large to decode within {max_memory >> 20:,} MB"))
+        _send(conn, {"ok": False, "error": "ImageTooLargeError", "reason": "image too large to decode in memory"})
     except Exception as e:  # noqa: BLE001 - a decoder bug: one line for the caller, not a traceback
-        conn.send(("error", "ImageReadError", f"cannot decode image ({type(e).__name__})"))
+        _send(conn, {"ok": False, "error": "ImageReadError", "reason": f"cannot decode image ({type(e).__name__})"})
     finally:
         conn.close()
+
+
+def _parse_header(raw: bytes, name: str) -> tuple[tuple[int, int], dict[str, Any]]:
+    """Check the worker's JSON header (it decoded hostile bytes, so it is not trusted
+    either): an error becomes the matching exception, with its reason escaped; otherwise
+    the image shape, within :data:`~pneumoscan.data.limits.MAX_PIXELS`, and the metadata."""
+    try:
+        msg = json.loads(raw)
+        if not msg["ok"]:
+            raise _ERRORS.get(str(msg.get("error")), ImageReadError)(name, safe_text(msg.get("reason"), 300))
+        h, w = (int(v) for v in msg["shape"])
+        meta = dict(msg["meta"])
+    except (ValueError, TypeError, KeyError) as e:
+        raise ImageReadError(name, "the decoder process answered nonsense") from e
+    if not (0 < h and 0 < w and h * w <= MAX_PIXELS):
+        raise ImageReadError(name, "the decoder process answered nonsense")
+    if isinstance(meta.get("original_size"), list):
+        meta["original_size"] = tuple(meta["original_size"])
+    return (h, w), meta
 
 
 def _died(name: str, exitcode: int | None, timeout_s: float) -> ImageReadError:
@@ -163,17 +191,16 @@ def decode_isolated(
         if not reader.poll(max(0.0, deadline - time.monotonic())):
             raise ImageReadError(nm, f"decoding took longer than {timeout_s:g} s")
         try:
-            msg = reader.recv()
-            if msg[0] == "error":
-                raise _ERRORS.get(msg[1], ImageReadError)(nm, msg[2])
-            _, shape, meta = msg
+            shape, meta = _parse_header(reader.recv_bytes(_MAX_HEADER_BYTES), nm)
             arr = np.empty(shape, dtype=np.float32)
-            if arr.nbytes and not reader.poll(max(0.0, deadline - time.monotonic())):
+            if not reader.poll(max(0.0, deadline - time.monotonic())):
                 raise ImageReadError(nm, f"decoding took longer than {timeout_s:g} s")
-            if arr.nbytes:
-                reader.recv_bytes_into(memoryview(arr).cast("B"))
-        except (EOFError, OSError):
-            proc.join(timeout=5)
+            if reader.recv_bytes_into(memoryview(arr).cast("B")) != arr.nbytes:
+                raise ImageReadError(nm, "the decoder process answered nonsense")
+        except multiprocessing.BufferTooShort as e:
+            raise ImageReadError(nm, "the decoder process answered nonsense") from e
+        except (EOFError, OSError):  # the worker died (or sent an oversized header: killed below)
+            proc.join(timeout=1)
             raise _died(nm, proc.exitcode, timeout_s) from None
         return arr, meta
     finally:

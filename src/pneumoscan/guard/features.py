@@ -8,15 +8,23 @@ slices are round objects on black; photographs are colourful or lack the layout.
 
 :func:`image_features` turns a decoded greyscale image (and its reader metadata) into a fixed
 vector of such measurements; :mod:`pneumoscan.guard.core` classifies it.
+
+Chest films come padded, letterboxed, with any window/level, bit depth and polarity, so the
+image is first brought to a canonical form (:func:`prepare`): uniform borders are cropped
+(:func:`content_box`), the intensities are stretched between their 0.5th and 99.5th
+percentiles, and, given the mean chest X-ray template, an image that correlates negatively
+with it is inverted (MONOCHROME1 pixels shown without their inversion). Every feature is
+measured on that form.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from ..core.imaging import resize_float
+from ..core.imaging import fit_within, resize_float
 
 #: Side of the square, stretched copy most features are measured on (the models' inputs are
 #: stretched squares too).
@@ -25,10 +33,18 @@ SIDE = 128
 THUMB = 8
 #: Side of the thumbnail compared with the mean chest X-ray template.
 TEMPLATE = 16
-#: Largest native-resolution centre crop used for texture statistics.
-NATIVE = 256
-#: Intensity percentiles measured.
+#: Larger images are first reduced to fit this side (the size ``predict`` decodes at for
+#: the guard), so that texture statistics do not depend on the resolution of the input.
+WORK_SIDE = 224
+#: Intensity percentiles measured (symmetric: inverting the image swaps them).
 PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
+#: Percentiles the intensities are stretched between (markers, text and wires above the
+#: upper one saturate instead of compressing the film).
+STRETCH = (0.5, 99.5)
+#: A border line (row or column) is cropped when this share of its pixels lies within
+#: ``BORDER_TOL`` of the outermost line's median (JPEG ringing and sensor noise included).
+BORDER_COVERAGE = 0.97
+BORDER_TOL = 0.03
 
 
 def _corr(a: np.ndarray, b: np.ndarray) -> float:
@@ -45,7 +61,11 @@ def percentiles(x: np.ndarray, qs: tuple[float, ...]) -> np.ndarray:
     """``np.percentile(x, qs)`` (linear interpolation, float64 results) from one sort of
     ``x``: the same values, and NumPy's vectorised sort beats its partition several times over
     for the 10⁴–10⁵ pixels the guard looks at."""
-    s = np.sort(x, axis=None)
+    return _sorted_percentiles(np.sort(x, axis=None), qs)
+
+
+def _sorted_percentiles(s: np.ndarray, qs: tuple[float, ...]) -> np.ndarray:
+    """:func:`percentiles` of already sorted values ``s``."""
     v = np.asarray(qs, dtype=np.float64) / 100.0 * (s.size - 1)
     lo = np.floor(v).astype(np.intp)
     hi = np.minimum(lo + 1, s.size - 1)
@@ -89,22 +109,132 @@ def _zscore(x: np.ndarray) -> np.ndarray:
     return (x - x.mean()) / (float(x.std()) + 1e-3)
 
 
-def thumbnail(img: np.ndarray) -> np.ndarray:
-    """The z-scored ``TEMPLATE``² thumbnail of an image (what the chest template is the mean of
-    and is compared with).
+def _pool(x: np.ndarray, n: int) -> np.ndarray:
+    """Mean of ``SIDE / n``-pixel blocks of the ``SIDE``² square: an ``n``² grid."""
+    k = SIDE // n
+    return x.reshape(n, k, n, k).mean(axis=(1, 3))
+
+
+def _border_lines(a: np.ndarray, tol: float, coverage: float) -> tuple[int, int]:
+    """``(first, end)``: the rows of ``a`` left after dropping uniform rows at the top and at
+    the bottom (rows whose pixels mostly equal the median of the outermost row)."""
+    n = a.shape[0]
+    first, end = 0, n
+    for edge in (0, n - 1):
+        v = float(np.median(a[edge]))
+        if np.mean(np.abs(a[edge] - v) <= tol) < coverage:
+            continue  # the fast path: no border on this side
+        uniform = np.mean(np.abs(a - v) <= tol, axis=1) >= coverage
+        if edge == 0:
+            first = int(np.argmin(uniform)) if not uniform.all() else n
+        else:
+            end = n - int(np.argmin(uniform[::-1])) if not uniform.all() else 0
+    return first, end
+
+
+def content_box(img: np.ndarray, tol: float = BORDER_TOL, coverage: float = BORDER_COVERAGE) -> tuple[int, int, int, int]:
+    """The box inside uniform borders (letterbox bars, padding, frames of any grey level).
 
     Args:
         img: 2-D float greyscale image in [0, 1].
+        tol: largest difference from a border's level still counted as border.
+        coverage: share of a row or column's pixels that must be border level.
+
+    Returns:
+        ``(y0, y1, x0, x1)``; the whole image when cropping would leave less than 8 % of a
+        side (a blank image is blank, not a tiny crop of itself).
     """
-    x = resize_float(np.nan_to_num(np.asarray(img, dtype=np.float32)), SIDE, SIDE)
-    return _zscore(resize_float(x, TEMPLATE, TEMPLATE, clip=False))
+    h, w = img.shape
+    y0, y1, x0, x1 = 0, h, 0, w
+    small_h, small_w = max(2, 0.08 * h), max(2, 0.08 * w)
+    for _ in range(2):  # rows, columns, and again (a frame with a text line in a corner)
+        a, b = _border_lines(img[y0:y1, x0:x1], tol, coverage)
+        y0, y1 = y0 + a, y0 + max(b, a)
+        if y1 - y0 < small_h:
+            return 0, h, 0, w
+        a, b = _border_lines(img[y0:y1, x0:x1].T, tol, coverage)
+        x0, x1 = x0 + a, x0 + max(b, a)
+        if x1 - x0 < small_w:
+            return 0, h, 0, w
+    return y0, y1, x0, x1
+
+
+@dataclass
+class Prepared:
+    """An image's content, ready for the rules and the features.
+
+    Attributes:
+        image: the image the rest refers to (reduced to fit ``WORK_SIDE``, finite).
+        box: ``(y0, y1, x0, x1)`` of the content inside uniform borders.
+        square: the content resized to ``SIDE``² (raw intensities).
+        sorted: the square's values, sorted (for percentiles).
+        lo: intensity mapped to 0 by the stretch.
+        hi: intensity mapped to 1.
+    """
+
+    image: np.ndarray
+    box: tuple[int, int, int, int]
+    square: np.ndarray
+    sorted: np.ndarray
+    lo: float
+    hi: float
+
+    def percentiles(self, qs: tuple[float, ...]) -> np.ndarray:
+        """Raw-intensity percentiles of the content (as :func:`percentiles`)."""
+        return _sorted_percentiles(self.sorted, qs)
+
+
+def prepare(img: np.ndarray) -> Prepared:
+    """Reduce to ``WORK_SIDE``, crop uniform borders, resize the content to the ``SIDE``²
+    square and find its stretch (:data:`STRETCH` percentiles).
+
+    Args:
+        img: 2-D float greyscale image in [0, 1] (non-finite values become 0 or 1).
+    """
+    img = np.asarray(img, dtype=np.float32)
+    if not np.isfinite(img).all():
+        img = np.nan_to_num(img, nan=0.0, posinf=1.0, neginf=0.0)
+    if max(img.shape) > WORK_SIDE:
+        img = resize_float(img, *fit_within(img.shape[0], img.shape[1], WORK_SIDE))
+    box = content_box(img)
+    y0, y1, x0, x1 = box
+    sq = resize_float(img[y0:y1, x0:x1], SIDE, SIDE)
+    s = np.sort(sq, axis=None)
+    lo, hi = (float(v) for v in _sorted_percentiles(s, STRETCH))
+    return Prepared(img, box, sq, s, lo, hi)
+
+
+def _canonical(p: Prepared, template: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, bool]:
+    """The stretched square, the stretched content at working resolution, and whether both
+    were inverted to match the template's polarity."""
+    scale = 1.0 / (p.hi - p.lo) if p.hi - p.lo > 1e-6 else 0.0
+    x = np.clip((p.square - p.lo) * scale, 0.0, 1.0)
+    invert = template is not None and _corr(_pool(x, TEMPLATE), template) < 0
+    y0, y1, x0, x1 = p.box
+    crop = np.clip((p.image[y0:y1, x0:x1] - p.lo) * scale, 0.0, 1.0)
+    if invert:
+        return 1.0 - x, 1.0 - crop, True
+    return x, crop, False
+
+
+def thumbnail(img: np.ndarray, prepared: Prepared | None = None) -> np.ndarray:
+    """The z-scored ``TEMPLATE``² thumbnail of an image's stretched content, in its own
+    polarity (the chest template is the mean of these over chest X-rays).
+
+    Args:
+        img: 2-D float greyscale image in [0, 1].
+        prepared: :func:`prepare` of ``img``, if already computed.
+    """
+    p = prepared or prepare(img)
+    x, _, _ = _canonical(p, None)
+    return _zscore(_pool(x, TEMPLATE))
 
 
 def template_features(thumb: np.ndarray, template: np.ndarray | None) -> dict[str, float]:
-    """Correlation of a :func:`thumbnail` (and of its mirror image) with the chest template.
+    """Correlation of a thumbnail (and of its mirror image) with the chest template.
 
     Args:
-        thumb: ``TEMPLATE``² z-scored thumbnail.
+        thumb: ``TEMPLATE``² thumbnail.
         template: the mean chest X-ray thumbnail, or ``None`` (both features 0).
     """
     if template is None:
@@ -112,48 +242,50 @@ def template_features(thumb: np.ndarray, template: np.ndarray | None) -> dict[st
     return {"template_corr": _corr(thumb, template), "template_corr_flip": _corr(thumb[:, ::-1], template)}
 
 
-def image_features(img: np.ndarray, meta: dict[str, Any] | None = None, template: np.ndarray | None = None) -> dict[str, float]:
-    """Measurements of one image for the guard.
+def image_features(
+    img: np.ndarray, meta: dict[str, Any] | None = None, template: np.ndarray | None = None, prepared: Prepared | None = None
+) -> dict[str, float]:
+    """Measurements of one image for the guard, on its canonical form (borders cropped,
+    intensities stretched, polarity matched to ``template``).
 
     Args:
         img: 2-D float greyscale image in [0, 1] (as :func:`pneumoscan.data.io.read_image`
             returns it; any resolution).
         meta: the reader's metadata (``saturation``/``colour_fraction`` from
             :func:`pneumoscan.data.io.read_image_with_meta`); missing keys count as 0.
-        template: the mean chest X-ray thumbnail (``TEMPLATE``² z-scores) to correlate with;
-            ``None`` gives 0 for those features.
+        template: the mean chest X-ray thumbnail (``TEMPLATE``² z-scores): the polarity
+            reference and correlated with; ``None`` keeps the polarity and gives 0 for
+            the template features.
+        prepared: :func:`prepare` of ``img``, if already computed.
 
     Returns:
         An ordered dict ``name -> value`` (always the same names in the same order).
     """
     meta = meta or {}
-    img = np.asarray(img, dtype=np.float32)
-    if not np.isfinite(img).all():
-        img = np.nan_to_num(img, nan=0.0, posinf=1.0, neginf=0.0)
-    x = resize_float(img, SIDE, SIDE)
+    p = prepared or prepare(img)
+    x, crop, inverted = _canonical(p, template)
     f: dict[str, float] = {}
 
     # ---------------------------------------------------------------- intensity
-    sd = x.std()
+    sd = float(x.std())
     f["mean"] = float(x.mean())
-    f["std"] = float(sd)
-    for q, v in zip(PERCENTILES, percentiles(x, PERCENTILES)):
+    f["std"] = sd
+    scale = 1.0 / (p.hi - p.lo) if p.hi - p.lo > 1e-6 else 0.0
+    qs = tuple(100 - q for q in PERCENTILES) if inverted else PERCENTILES
+    vals = np.clip((p.percentiles(qs) - p.lo) * scale, 0.0, 1.0)
+    for q, v in zip(PERCENTILES, 1.0 - vals if inverted else vals):
         f[f"p{q}"] = float(v)
     h64 = _hist64(x).astype(np.float64) / x.size
     # the 16 bins are sums of 4 of the 64 (their edges k/16 = 4k/64 are exact binary fractions)
-    hist = h64.reshape(16, 4).sum(axis=1)
-    for i, v in enumerate(hist):
+    for i, v in enumerate(h64.reshape(16, 4).sum(axis=1)):
         f[f"hist{i:02d}"] = float(v)
     nz = h64[h64 > 0]
     f["entropy"] = float(-(nz * np.log2(nz)).sum() / 6.0)
     f["dark_frac"] = float((x < 0.05).mean())
     f["bright_frac"] = float((x > 0.95).mean())
 
-    # ---------------------------------------------------------------- native texture
-    h, w = img.shape
-    ch, cw = min(h, NATIVE), min(w, NATIVE)
-    y0, x0 = (h - ch) // 2, (w - cw) // 2
-    crop = img[y0 : y0 + ch, x0 : x0 + cw]
+    # ---------------------------------------------------------------- texture at working resolution
+    ch, cw = crop.shape
     u = np.clip(np.rint(crop * 255.0), 0, 255).astype(np.uint8)
     counts = np.bincount(u.ravel(), minlength=256).astype(np.float64)
     f["levels"] = float((counts > 0).sum() / 256.0)
@@ -173,10 +305,10 @@ def image_features(img: np.ndarray, meta: dict[str, Any] | None = None, template
     gx[:, 1:-1] = (x[:, 2:] - x[:, :-2]) / 2
     gy[1:-1, :] = (x[2:, :] - x[:-2, :]) / 2
     g = np.hypot(gx, gy)
-    gm = g.mean()
+    gm = float(g.mean())
     strong = g > 0.05
-    f["grad_mean"] = float(gm)
-    f["grad_rel"] = float(gm / (sd + 1e-3))
+    f["grad_mean"] = gm
+    f["grad_rel"] = gm / (sd + 1e-3)
     f["edge_frac_05"] = float(strong.mean())
     f["edge_frac_15"] = float((g > 0.15).mean())
     if np.count_nonzero(strong) > 10:
@@ -186,7 +318,7 @@ def image_features(img: np.ndarray, meta: dict[str, Any] | None = None, template
         f["axis_aligned"] = 0.0
 
     # ---------------------------------------------------------------- symmetry and layout
-    z64 = _zscore(resize_float(x, 64, 64, clip=False))
+    z64 = _zscore(_pool(x, 64))
     f["sym_lr"] = _corr(z64, z64[:, ::-1])
     f["sym_ud"] = _corr(z64, z64[::-1, :])
     z = _zscore(x)
@@ -197,14 +329,15 @@ def image_features(img: np.ndarray, meta: dict[str, Any] | None = None, template
     for i in range(8):
         f[f"col{i}"] = float(cols[i])
     f["col_centre_minus_sides"] = float(z[:, 48:80].mean() - 0.5 * (z[:, 16:48].mean() + z[:, 80:112].mean()))
-    f["centre_minus_border"] = float(z[32:96, 32:96].mean() - np.concatenate([z[:16].ravel(), z[-16:].ravel(), z[:, :16].ravel(), z[:, -16:].ravel()]).mean())
-    corners = np.concatenate([x[:16, :16].ravel(), x[:16, -16:].ravel(), x[-16:, :16].ravel(), x[-16:, -16:].ravel()])
+    border = (z[:16].sum() + z[-16:].sum() + z[16:-16, :16].sum() + z[16:-16, -16:].sum()) / (SIDE * SIDE - 96 * 96)
+    f["centre_minus_border"] = float(z[32:96, 32:96].mean() - border)
+    corners = np.stack([x[:16, :16], x[:16, -16:], x[-16:, :16], x[-16:, -16:]])
     f["corner_mean"] = float(corners.mean())
     f["corner_dark"] = float((corners < 0.05).mean())
-    tz = _zscore(resize_float(x, THUMB, THUMB, clip=False))
+    tz = _zscore(_pool(x, THUMB))
     for i, v in enumerate(tz.ravel()):
         f[f"thumb{i:02d}"] = float(v)
-    f.update(template_features(_zscore(resize_float(x, TEMPLATE, TEMPLATE, clip=False)), template))
+    f.update(template_features(_zscore(_pool(x, TEMPLATE)), template))
 
     # ---------------------------------------------------------------- colour (from the reader)
     f["saturation"] = float(meta.get("saturation", 0.0) or 0.0)

@@ -47,7 +47,7 @@ from .schemas import (
     PREDICT_BODY, PREDICT_ERRORS, STATUS_CODES, V1_ERRORS, ApiError, Health, ModelInfo, PredictResponse, clean, error_response,
 )
 from .service import InferenceService, model_info
-from .settings import DOCS_CSP, PAGE_CSP, ServeSettings
+from .settings import PAGE_CSP, ServeSettings
 from .upload import ByteBudget, read_upload, reserve_upload, sniff_format
 
 log = logging.getLogger(__name__)
@@ -294,10 +294,10 @@ async def index(request: Request) -> Response:
 
 @router.get("/docs", include_in_schema=False)
 async def docs(request: Request) -> Response:
-    """The API documentation (Swagger UI, served from ``/docs-assets``, started by
-    ``docs.js``: no inline script, so the page's CSP allows scripts from this server only)."""
+    """The API documentation: Swagger UI from ``/docs-assets``, started by ``/static/docs.js``
+    (no inline script, so the page's CSP allows scripts from this server only)."""
     body, media = request.app.state.static["docs.html"]
-    return Response(body, media_type=media, headers={"Content-Security-Policy": DOCS_CSP, "Cache-Control": "no-cache"})
+    return Response(body, media_type=media, headers=_PAGE_HEADERS)
 
 
 @router.get("/static/{name}", include_in_schema=False)

@@ -23,16 +23,11 @@ LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 CHUNKED_RESERVE_STEP = 1 << 20
 #: Grace before an upload's pace is checked while other uploads wait for the memory budget.
 UPLOAD_CONTENDED_GRACE_S = 1.0
-#: Content-Security-Policy of the browser page and its assets: everything from this server.
+#: Content-Security-Policy of the browser page, its assets and ``/docs`` (Swagger UI, started by
+#: ``static/docs.js``: no inline script or style): everything from this server.
 PAGE_CSP = (
     "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
     "connect-src 'self'; font-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'"
-)
-#: Content-Security-Policy of ``/docs``: Swagger UI from this server; it sets inline styles and
-#: data: images, never inline scripts (its start-up code is ``static/docs.js``).
-DOCS_CSP = (
-    "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; script-src 'self'; "
-    "connect-src 'self'; font-src 'self' data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'"
 )
 
 

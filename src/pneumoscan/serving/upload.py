@@ -402,7 +402,9 @@ async def read_upload(request: Request, settings: ServeSettings, reservation: Re
                 raise too_large
             if received > reservation.n:  # a chunked body: hold the next step before keeping the bytes
                 step = min(max(CHUNKED_RESERVE_STEP, received - reservation.n), body_limit - reservation.n)
-                await reservation.grow(step, timeout=min(settings.upload_idle_timeout_s, deadline - time.monotonic()))
+                t_wait = time.monotonic()
+                await reservation.grow(step, timeout=min(settings.upload_idle_timeout_s, deadline - t_wait))
+                pace.start += time.monotonic() - t_wait  # our wait is not the client's slowness
             parser.write(chunk)
             if collector.ended:
                 break

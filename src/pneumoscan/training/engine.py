@@ -4,8 +4,10 @@ The study's scheme: class-weighted loss, Adam or SGD, reduce-LR-on-plateau (or c
 warm-up), early stopping, and a best-validation-loss checkpoint after a minimum epoch. Every
 epoch writes ``last.pt`` (a :class:`~pneumoscan.models.bundle.ModelBundle` with the resumable
 training state) and, when validation loss improves, ``best.pt`` (the same without it);
-``fit(..., resume=True)`` continues from ``last.pt``. It runs unchanged under ``torchrun``
-(DDP). Calibration, the model card and plots come after, in :mod:`pneumoscan.workflows.train`.
+``fit(..., resume=True)`` continues from ``last.pt``. Optionally the weights are averaged
+(``ema_decay``, :mod:`.ema`), and every epoch also scores a fixed perturbed validation subset
+(``shift_val_images``, :mod:`.shift`). It runs unchanged under ``torchrun`` (DDP).
+Calibration, the model card and plots come after, in :mod:`pneumoscan.workflows.train`.
 """
 from __future__ import annotations
 
@@ -32,16 +34,19 @@ from ..utils.io import atomic_write_text
 from .distributed import (
     DistInfo, average_buffers, barrier, check_ranks_in_sync, cleanup_distributed, setup_distributed, wrap_ddp,
 )
+from .ema import ModelEma
 from .inputs import SPLIT_FILES, RunData, build_data
 from .loop import class_weights, evaluate, train_one_epoch
 from .optim import make_optimizer, make_scheduler
 from .runtime import resolve_channels_last, resolve_device, resolve_precision, seed_everything
+from .shift import ShiftedValidation
 
 log = logging.getLogger(__name__)
 
 HISTORY_FIELDS = [
     "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_auc", "lr",
     "epoch_time", "data_time", "compute_time", "train_images_per_s", "world_size", "eval_time",
+    "val_shift_auc", "val_shift_loss", "val_shift_dprob",
 ]
 #: The counters of a run that ``last.pt`` keeps for ``--resume`` (with optimizer, scheduler and RNG state).
 _COUNTERS = ("epoch", "best_loss", "best_epoch", "bad_epochs", "stopped")
@@ -66,6 +71,13 @@ class _Run:
     ddp_model: nn.Module  # the model in its DDP wrapper (the model itself in a world of one)
     template: ModelBundle  # architecture, preprocessing and provenance, without weights
     state: dict[str, Any]
+    ema: ModelEma | None = None  # the averaged weights (ema_decay > 0): evaluated and checkpointed
+    shift: ShiftedValidation | None = None  # the perturbed validation subset (rank 0, shift_val_images > 0)
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights that are validated and checkpointed: the average when EMA is on."""
+        return self.ema.module if self.ema is not None else self.model
 
 
 # --------------------------------------------------------------------------- fit
@@ -143,6 +155,9 @@ def _setup(cfg: TrainConfig, out: Path, resume: bool, device: torch.device, info
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(cfg, model)
+    ema = ModelEma(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    shift = (ShiftedValidation(data.val_dataset, input_size, cfg.shift_val_images, max(cfg.batch_size, 64))
+             if cfg.shift_val_images > 0 and info.is_main and len(data.val) else None)
     template = ModelBundle(
         arch=cfg.model.name, preprocessing=spec.preprocessing(input_size), class_names=CLASS_NAMES,
         arch_kwargs={"input_size": input_size, **({"dropout": cfg.model.dropout} if cfg.model.dropout is not None else {})},
@@ -154,6 +169,7 @@ def _setup(cfg: TrainConfig, out: Path, resume: bool, device: torch.device, info
         cfg, out, info, device, amp_dtype, torch.amp.GradScaler(device.type) if amp_dtype is torch.float16 else None,
         channels_last, data, loss_w, model, optimizer, make_scheduler(cfg, optimizer), model, template,
         state={"epoch": 0, "best_loss": math.inf, "best_epoch": 0, "bad_epochs": 0, "history": [], "stopped": False},
+        ema=ema, shift=shift,
     )
 
 
@@ -163,7 +179,10 @@ def _restore(run: _Run) -> None:
     tr = last.training
     if not tr.get("optimizer"):
         raise CheckpointError(f"{last.path}: holds no training state to resume from")
-    run.model.load_state_dict(last.state_dict)
+    # with EMA, the bundle's weights are the average and the trained weights travel in training
+    run.model.load_state_dict(tr.get("raw_state_dict") or last.state_dict)
+    if run.ema is not None:
+        run.ema.load(last.state_dict, tr.get("ema_steps", 0))
     run.optimizer.load_state_dict(tr["optimizer"])
     if run.scheduler is not None and tr.get("scheduler"):
         run.scheduler.load_state_dict(tr["scheduler"])
@@ -212,16 +231,20 @@ def _train_epoch(run: _Run, epoch: int) -> None:
         st = train_one_epoch(
             run.ddp_model, run.data.train_loader, run.optimizer, run.device, loss_weights=run.loss_weights,
             amp_dtype=run.amp_dtype, scaler=run.scaler, channels_last=run.channels_last, grad_clip=cfg.optim.grad_clip,
-            label_smoothing=cfg.label_smoothing, info=info, progress=bar, log_every=cfg.log_every,
+            label_smoothing=cfg.label_smoothing, info=info, progress=bar, log_every=cfg.log_every, ema=run.ema,
         )
     finally:
         if bar is not None:
             bar.close()
     if info.enabled:
         average_buffers(model, info)  # BN running stats drift apart per rank; keep ranks identical
+        if run.ema is not None:
+            average_buffers(run.ema.module, info)
     t_eval = time.perf_counter()
-    ev = evaluate(model, run.data.val_dataset, run.device, batch_size=max(cfg.batch_size, 64), loss_weights=run.loss_weights,
+    ev = evaluate(run.eval_model, run.data.val_dataset, run.device, batch_size=max(cfg.batch_size, 64), loss_weights=run.loss_weights,
                   amp_dtype=run.amp_dtype, channels_last=run.channels_last, info=info)
+    shifted = run.shift.evaluate(run.eval_model, ev["logits"], run.device, loss_weights=run.loss_weights, amp_dtype=run.amp_dtype,
+                                 channels_last=run.channels_last) if run.shift is not None else {}
     lr = run.optimizer.param_groups[0]["lr"]
     if run.scheduler is not None:
         if isinstance(run.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
@@ -232,13 +255,13 @@ def _train_epoch(run: _Run, epoch: int) -> None:
         "epoch": epoch, "train_loss": st.loss, "train_acc": st.acc, "val_loss": ev["loss"], "val_acc": ev["acc"],
         "val_auc": ev["auc"], "lr": lr, "epoch_time": st.wall_time, "data_time": st.data_time,
         "compute_time": st.compute_time, "train_images_per_s": st.images / max(st.wall_time, 1e-9), "world_size": info.world_size,
-        "eval_time": time.perf_counter() - t_eval,
+        "eval_time": time.perf_counter() - t_eval, **shifted,
     }
     improved = _count(run, epoch, row, ev["loss"])
     if info.is_main:
         log.info(
-            "epoch %d/%d  train loss %.4f acc %.3f | val loss %.4f acc %.3f auc %.4f | lr %.2e | %.1fs (data %.1fs, compute %.1fs, %.0f img/s)%s",
-            epoch, cfg.epochs, st.loss, st.acc, ev["loss"], ev["acc"], ev["auc"], lr, st.wall_time, st.data_time,
+            "epoch %d/%d  train loss %.4f acc %.3f | val loss %.4f acc %.3f auc %.4f%s | lr %.2e | %.1fs (data %.1fs, compute %.1fs, %.0f img/s)%s",
+            epoch, cfg.epochs, st.loss, st.acc, ev["loss"], ev["acc"], ev["auc"], _shift_text(shifted), lr, st.wall_time, st.data_time,
             st.compute_time, row["train_images_per_s"], "  *best*" if improved else "",
         )
         _save_checkpoints(run, ev, improved)
@@ -265,7 +288,7 @@ def _count(run: _Run, epoch: int, row: dict[str, Any], val_loss: float) -> bool:
 def _save_checkpoints(run: _Run, ev: dict[str, Any], improved: bool) -> None:
     """``last.pt`` every epoch (with the training state), ``best.pt`` when validation improved."""
     s = run.state
-    sd = {k: v.detach().cpu().contiguous() for k, v in run.model.state_dict().items()}
+    sd = {k: v.detach().cpu().contiguous() for k, v in run.eval_model.state_dict().items()}
     bundle = run.template.replace(state_dict=sd, provenance={
         **run.template.provenance, "history": list(s["history"]), "epoch": s["epoch"], "best_epoch": s["best_epoch"],
         "best_loss": s["best_loss"], "val_logits": ev["logits"].tolist(), "val_labels": ev["labels"].tolist(),
@@ -276,6 +299,8 @@ def _save_checkpoints(run: _Run, ev: dict[str, Any], improved: bool) -> None:
         "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict() if run.scheduler else None,
         "torch_rng": torch.get_rng_state(), "loader_rng": run.data.generator.get_state(), **{k: s[k] for k in _COUNTERS},
     }
+    if run.ema is not None:
+        training.update(raw_state_dict={k: v.detach().cpu().contiguous() for k, v in run.model.state_dict().items()}, ema_steps=run.ema.steps)
     save_bundle(bundle.replace(training=training), run.out / "last.pt")
 
 
@@ -306,6 +331,14 @@ def write_history(rows: list[dict[str, Any]], path: Path) -> None:
     for r in rows:
         w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
     atomic_write_text(path, buf.getvalue())
+
+
+def _shift_text(shifted: dict[str, Any]) -> str:
+    """The shifted-validation part of an epoch's log line (empty when it is off)."""
+    if not shifted:
+        return ""
+    return (f" | shifted auc {shifted['val_shift_auc']:.4f} loss {shifted['val_shift_loss']:.4f} "
+            f"|dp| {shifted['val_shift_dprob']:.3f} ({shifted['val_shift_time']:.1f}s)")
 
 
 def _progress(total: int, desc: str, enabled: bool) -> Any:

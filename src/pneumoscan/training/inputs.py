@@ -1,5 +1,6 @@
-"""The data of a training run: the patient-grouped split (written to, and on resume read from,
-the run directory), the datasets and the training loader with its sampler and seeded generator."""
+"""The data of a training run: the patient-grouped split or cross-validation fold (written to,
+and on resume read from, the run directory), the datasets and the training loader with its
+sampler and seeded generator."""
 from __future__ import annotations
 
 import logging
@@ -16,7 +17,7 @@ from torch.utils.data import DataLoader, DistributedSampler, WeightedRandomSampl
 from ..config import TrainConfig
 from ..core.labels import CLASS_NAMES
 from ..data.datasets import Sample, XrayDataset, class_counts, load_samples, read_manifest, write_manifest
-from ..data.splits import grouped_stratified_split
+from ..data.splits import grouped_stratified_kfold, grouped_stratified_split, parse_fold_source
 from ..data.transforms import build_eval_transform, build_train_transform
 from ..errors import ConfigError, DataError
 from .distributed import DistInfo
@@ -76,15 +77,16 @@ def prepare_splits(cfg: TrainConfig, out_dir: Path, info: DistInfo, resume: bool
     tr_m, va_m = out_dir / SPLIT_FILES["train"], out_dir / SPLIT_FILES["val"]
     if resume and tr_m.is_file() and va_m.is_file():
         return read_manifest(tr_m), read_manifest(va_m)
-    if not cfg.data.root:
-        raise ConfigError("no training data: pass --data DIR (or set data.root)")
-    samples = load_samples(cfg.data.root, cfg.data.train_split, cfg.data.columns)
-    if cfg.data.limit and cfg.data.limit < len(samples):
-        rng = random.Random(cfg.seed)
-        samples = sorted(rng.sample(samples, cfg.data.limit), key=lambda s: s.path)
+    samples = training_samples(cfg)
     src = cfg.data.val_source
+    fold = parse_fold_source(src)
     if src == "grouped":
         train, val = grouped_stratified_split(samples, cfg.data.val_fraction, cfg.data.split_seed)
+    elif fold is not None:
+        folds = grouped_stratified_kfold(samples, fold[1], cfg.data.split_seed)
+        val = folds[fold[0] - 1]
+        held = set(val)
+        train = [s for s in samples if s not in held]
     elif src == "official":
         train, val = samples, load_samples(cfg.data.root, "val")
     else:
@@ -96,6 +98,25 @@ def prepare_splits(cfg: TrainConfig, out_dir: Path, info: DistInfo, resume: bool
         write_manifest([_abs(s) for s in train], tr_m, "train")
         write_manifest([_abs(s) for s in val], va_m, "val")
     return train, val
+
+
+def training_samples(cfg: TrainConfig) -> list[Sample]:
+    """The images a run splits into train and validation: ``cfg.data.train_split`` of
+    ``cfg.data.root``, at most ``cfg.data.limit`` of them (a seeded sample).
+
+    Args:
+        cfg: the run configuration.
+
+    Raises:
+        ConfigError: no data root.
+    """
+    if not cfg.data.root:
+        raise ConfigError("no training data: pass --data DIR (or set data.root)")
+    samples = load_samples(cfg.data.root, cfg.data.train_split, cfg.data.columns)
+    if cfg.data.limit and cfg.data.limit < len(samples):
+        rng = random.Random(cfg.seed)
+        samples = sorted(rng.sample(samples, cfg.data.limit), key=lambda s: s.path)
+    return samples
 
 
 def _abs(s: Sample) -> Sample:

@@ -89,6 +89,7 @@ def train_one_epoch(
     progress: Any = None,
     max_steps: int | None = None,
     log_every: int = 0,
+    ema: Any = None,
 ) -> EpochStats:
     """One pass over ``loader``.
 
@@ -107,6 +108,7 @@ def train_one_epoch(
         progress: a tqdm bar to advance per step.
         max_steps: stop after this many steps.
         log_every: log every this many steps (0 = never).
+        ema: a :class:`~pneumoscan.training.ema.ModelEma` to update after every step.
 
     Returns:
         Loss and accuracy over all ranks, and the time spent waiting for data (decoding,
@@ -139,6 +141,8 @@ def train_one_epoch(
             if grad_clip > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             optimizer.step()
+        if ema is not None:
+            ema.update(model)
         with torch.no_grad():
             n = y.numel()
             tot_loss += float(loss) * n

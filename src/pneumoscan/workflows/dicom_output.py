@@ -59,6 +59,7 @@ class SecondaryCaptureWriter:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._series: dict[str, tuple[str, int]] = {}  # study UID -> (series UID, last instance number)
         self._used: set[str] = set()
+        self.files: list[Path] = []  # written so far
 
     def dataset(self, source: str | Path, rgb: np.ndarray, comments: str) -> Any:
         """The Secondary Capture data set of ``rgb`` derived from the DICOM file ``source``.
@@ -154,4 +155,5 @@ class SecondaryCaptureWriter:
             k += 1
         self._used.add(str(target))
         atomic_write_bytes(target, buf.getvalue())
+        self.files.append(target)
         return target
