@@ -173,9 +173,9 @@ def test_service_on_the_onnx_backend_still_explains(tiny_run: Path, cache: Path,
     assert pred.backend == "onnx"
     path = sorted((xray_dir / "val").glob("*/*.jpeg"))[0]
     ref = load_predictor(tiny_run, backend="torch").predict_image(path)
-    with TestClient(create_app(load_predictor(tiny_run, backend="torch"))) as c:
+    with TestClient(create_app(load_predictor(tiny_run, backend="torch")), base_url="http://127.0.0.1") as c:
         info_torch = c.get("/v1/model").json()
-    with TestClient(create_app(pred)) as c:
+    with TestClient(create_app(pred), base_url="http://127.0.0.1") as c:
         info = c.get("/v1/model").json()
         r = c.post("/v1/predict?heatmap=true", files={"file": (path.name, path.read_bytes(), "image/jpeg")})
     assert info["capabilities"]["heatmap"] is True

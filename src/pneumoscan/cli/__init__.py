@@ -57,6 +57,7 @@ class SafeFormatter(logging.Formatter):
             )
         return super().format(record)
 
+
 #: Optional dependencies: top-level module → (what to call it, the extra that installs it).
 #: A command that imports one that is missing says so in one line (exit 2).
 OPTIONAL_MODULES: dict[str, tuple[str, str]] = {

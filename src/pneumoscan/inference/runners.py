@@ -79,7 +79,10 @@ class Runner(Protocol):
 # ----------------------------------------------------------------------------- PyTorch
 def torch_available() -> bool:
     """Whether PyTorch is installed (found, not imported)."""
-    return importlib.util.find_spec("torch") is not None
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):  # a broken install, or ``sys.modules["torch"]`` without a spec
+        return False
 
 
 def prepare_model(model: nn.Module, device: str | torch.device = "cpu", channels_last: bool | None = None) -> tuple[nn.Module, bool]:
@@ -185,6 +188,8 @@ class TorchModelProvider:
         if self._model is None:
             with self._lock:
                 if self._model is None:
+                    if self._build is None and not torch_available():
+                        raise ModelError(f"{NEED_TORCH_HEATMAPS}, and the model's .pt checkpoint (--checkpoint)")
                     if self._build is None:
                         raise ModelError("Grad-CAM needs the PyTorch model (this predictor has none; use --backend torch or --checkpoint)")
                     if not torch_available():
