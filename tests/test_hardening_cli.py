@@ -31,7 +31,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pneumoscan.cli.predict import csv_cell, heatmap_names
+from pneumoscan.cli.predict_outputs import csv_cell, heatmap_names
 from pneumoscan.inference import load_predictor
 from pneumoscan.models.bundle import load_bundle, save_bundle
 from pneumoscan.utils.io import atomic_open, atomic_write_text, os_error_reason
