@@ -57,10 +57,10 @@ def grouped_stratified_kfold(samples: Sequence[Sample], k: int = 5, seed: int = 
     """Split samples into ``k`` folds for cross-validation: every patient in exactly one fold,
     each class spread evenly over the folds.
 
-    Patients are taken class by class (a patient's class is the majority label of their
-    images), largest first, ties in a seeded random order, and each goes to the fold that holds
-    the fewest images of that class so far (then the fewest images overall, then the lowest
-    index). The folds' class shares then differ by about one patient's images at most.
+    Patients are taken largest first (ties in a seeded random order) and each goes to the fold
+    that holds the fewest images of its class so far (for a patient with images of both
+    classes, the fewest weighted by the patient's own mix; then the fewest images overall, then
+    the lowest index). The folds' class counts then differ by a few images at most.
 
     Args:
         samples: all training samples.
@@ -81,19 +81,20 @@ def grouped_stratified_kfold(samples: Sequence[Sample], k: int = 5, seed: int = 
         if len(pids) < k:
             raise DataError(f"cannot make {k} folds: class {label} has only {len(pids)} patient(s) (every fold needs both classes)")
     rng = random.Random(seed)
+    pids = sorted(by_patient)
+    rng.shuffle(pids)
+    pids.sort(key=lambda p: -len(by_patient[p]))  # largest first; equal sizes keep the seeded order
+    counts = [[0, 0] for _ in range(k)]  # images per label in each fold
     fold_of: dict[int, int] = {}
-    total = [0] * k
-    for label in sorted(patients_by_class):
-        pids = sorted(patients_by_class[label])
-        rng.shuffle(pids)
-        pids.sort(key=lambda p: -len(by_patient[p]))  # stable: equal sizes keep the seeded order
-        per_class = [0] * k
-        for pid in pids:
-            f = min(range(k), key=lambda j: (per_class[j], total[j], j))
-            n = len(by_patient[pid])
-            per_class[f] += n
-            total[f] += n
-            fold_of.update((i, f) for i in by_patient[pid])
+    for pid in pids:
+        n = [0, 0]
+        for i in by_patient[pid]:
+            n[samples[i].label] += 1
+        # the fold where this patient's labels are rarest (least squared excess over an even share)
+        f = min(range(k), key=lambda j: (n[0] * counts[j][0] + n[1] * counts[j][1], sum(counts[j]), j))
+        for c in (0, 1):
+            counts[f][c] += n[c]
+        fold_of.update((i, f) for i in by_patient[pid])
     return [[s for i, s in enumerate(samples) if fold_of[i] == f] for f in range(k)]
 
 

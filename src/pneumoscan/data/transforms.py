@@ -14,6 +14,7 @@ of the fixed "shifted validation" perturbations (:mod:`pneumoscan.training.shift
 """
 from __future__ import annotations
 
+import io
 import math
 from typing import Any
 
@@ -108,7 +109,7 @@ def robustness_ops(aug: AugmentConfig) -> list[Any]:
     if aug.letterbox > 0:
         ops.append(RandomLetterbox(aug.letterbox))
     if aug.jpeg > 0:
-        ops.append(v2.RandomApply([v2.JPEG(quality=tuple(aug.jpeg_quality))], p=aug.jpeg))
+        ops.append(RandomJpeg(aug.jpeg, tuple(aug.jpeg_quality)))
     return ops
 
 
@@ -161,6 +162,41 @@ class RandomLetterbox:
             return x
         r = torch.rand(3).tolist()
         return letterbox(x, 1.0 + r[0] * (self.max_aspect - 1.0), "width" if r[1] < 0.5 else "height", r[2])
+
+
+class RandomJpeg:
+    """With probability ``p``, re-compress the image as a JPEG at a quality drawn uniformly in
+    ``quality`` (uint8 in, uint8 out).
+
+    Args:
+        p: probability of re-compressing an image.
+        quality: (min, max) JPEG quality, 1-100.
+    """
+
+    def __init__(self, p: float, quality: tuple[int, int] = (30, 90)) -> None:
+        self.p, self.quality = p, quality
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if float(torch.rand(())) >= self.p:
+            return x
+        return jpeg_recompress(x, int(torch.randint(self.quality[0], self.quality[1] + 1, ())))
+
+
+def jpeg_recompress(x: torch.Tensor, quality: int) -> torch.Tensor:
+    """Encode a uint8 ``(1, H, W)`` greyscale image as a JPEG at ``quality`` and decode it
+    again (Pillow's libjpeg, as most PACS exports and phone photos of films).
+
+    Args:
+        x: uint8 ``(1, H, W)`` tensor.
+        quality: JPEG quality, 1-100.
+    """
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(x[0].numpy()).save(buf, format="JPEG", quality=int(quality))
+    buf.seek(0)
+    with Image.open(buf) as im:
+        return torch.from_numpy(np.array(im.convert("L"))).unsqueeze(0)
 
 
 def add_noise(x: torch.Tensor, std: float, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -23,7 +23,7 @@ from torchvision.transforms import InterpolationMode, v2
 from ..core.calibration import sigmoid
 from ..core.metrics import roc_auc
 from ..data.datasets import XrayDataset
-from ..data.transforms import add_noise, build_eval_transform, letterbox
+from ..data.transforms import add_noise, build_eval_transform, jpeg_recompress, letterbox
 from .loop import predict_logits, weighted_bce
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ SHIFTS: dict[str, Callable[[torch.Tensor, torch.Generator], torch.Tensor]] = {
     "contrast_0.6": lambda x, g: v2.functional.adjust_contrast(x, 0.6),
     "blur": _blur,
     "noise_0.04": lambda x, g: add_noise(x, 0.04, g),
-    "jpeg_q30": lambda x, g: v2.functional.jpeg(x, 30),
+    "jpeg_q30": lambda x, g: jpeg_recompress(x, 30),
     "letterbox_4:3": lambda x, g: letterbox(x, 4 / 3, "width"),
     "rotate_10": lambda x, g: v2.functional.rotate(x, 10.0, interpolation=InterpolationMode.BILINEAR),
 }
