@@ -58,7 +58,7 @@ def test_gradcam_flows_through_vgg16_frozen_backbone_with_inplace_relu(two_image
     cam = GradCAM(model, target="pneumonia")
     maps, _ = cam.compute(x, upsample=False)
     assert maps.shape == (2, 1, 4, 4)  # backbone.0.29: the last ReLU(inplace) before the final pool
-    assert cam._grads is not None and cam._grads.abs().sum() > 0
+    assert cam._grads[0] is not None and cam._grads[0].abs().sum() > 0
 
 
 def test_layer_override_and_unknown_layer(two_images: torch.Tensor) -> None:

@@ -34,7 +34,8 @@ from pneumoscan.data.io import MAX_PIXELS
 from pneumoscan.inference import Predictor, load_predictor
 from pneumoscan.models.bundle import load_bundle
 from pneumoscan.serving import ServeSettings, create_app
-from pneumoscan.serving.upload import ByteBudget, sniff_format
+from pneumoscan.data.formats import sniff_format
+from pneumoscan.serving.upload import ByteBudget
 from pneumoscan.utils.io import sha256_file
 
 REPO = Path(__file__).resolve().parent.parent
@@ -322,12 +323,12 @@ def test_heatmap_rgba_colours_follow_the_map() -> None:
     assert rgba[0, 0, 3] < rgba[-1, -1, 3]  # ignored regions more transparent
 
 
-def test_sniff_format() -> None:
-    assert sniff_format(b"\xff\xd8\xff\xe0rest", None, None) == "JPEG"
-    assert sniff_format(b"\x89PNG\r\n\x1a\nrest", None, None) == "PNG"
-    assert sniff_format(b"\0" * 128 + b"DICM", None, None) == "DICOM"
-    assert sniff_format(b"\x08\x00\x05\x00", "a.DCM", None) == "DICOM"
-    assert sniff_format(b"GIF89a", "a.gif", "image/gif") is None
+def test_sniff_format_decides_by_content() -> None:
+    assert sniff_format(b"\xff\xd8\xff\xe0rest") == "JPEG"
+    assert sniff_format(b"\x89PNG\r\n\x1a\nrest") == "PNG"
+    assert sniff_format(b"\0" * 128 + b"DICM") == "DICOM"
+    assert sniff_format(b"\x08\x00\x05\x00CS\x0a\x00ISO_IR 100") == "DICOM"  # no preamble
+    assert sniff_format(b"RIFF\x10\x00\x00\x00WEBPVP8 ") == "WEBP"  # not served, whatever its name
 
 
 # ----------------------------------------------------------------------------- the not-a-chest-X-ray guard
@@ -411,6 +412,12 @@ def test_415_not_an_image(client: TestClient, name: str, data: bytes, ctype: str
 def test_415_image_format_not_accepted(client: TestClient, normal_jpeg: Path) -> None:
     for fmt in ("GIF", "BMP"):
         _assert_error(_post(client, _reencode(normal_jpeg, fmt), f"x.{fmt.lower()}", f"image/{fmt.lower()}"), 415)
+
+
+def test_the_file_name_does_not_pick_the_decoder(client: TestClient, normal_jpeg: Path) -> None:
+    _assert_error(_post(client, _reencode(normal_jpeg, "WEBP"), "x.dcm", "application/dicom"), 415, "unsupported_media_type")
+    r = _post(client, normal_jpeg.read_bytes(), "x.dcm", "application/dicom")  # a JPEG is a JPEG, whatever its name
+    assert r.status_code == 200, r.text
 
 
 def test_415_not_multipart(client: TestClient, normal_jpeg: Path) -> None:

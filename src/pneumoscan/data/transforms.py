@@ -184,7 +184,7 @@ class RandomJpeg:
 
 def jpeg_recompress(x: torch.Tensor, quality: int) -> torch.Tensor:
     """Encode a uint8 ``(1, H, W)`` greyscale image as a JPEG at ``quality`` and decode it
-    again (Pillow's libjpeg, as most PACS exports and phone photos of films).
+    again with Pillow.
 
     Args:
         x: uint8 ``(1, H, W)`` tensor.
@@ -193,7 +193,7 @@ def jpeg_recompress(x: torch.Tensor, quality: int) -> torch.Tensor:
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.fromarray(x[0].numpy()).save(buf, format="JPEG", quality=int(quality))
+    Image.fromarray(np.ascontiguousarray(x[0].numpy())).save(buf, format="JPEG", quality=int(quality))
     buf.seek(0)
     with Image.open(buf) as im:
         return torch.from_numpy(np.array(im.convert("L"))).unsqueeze(0)

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING
 from ..utils.lazy import lazy_exports
 
 _EXPORTS = {
-    "GradCAM": ".gradcam", "resolve_layer": ".gradcam", "linear_head": ".gradcam",
+    "GradCAM": ".gradcam", "resolve_layer": ".gradcam", "resolve_layers": ".gradcam", "linear_head": ".gradcam",
+    "linear_heads": ".gradcam",
     "LinearHead": ".cam_numpy", "linear_head_maps": ".cam_numpy", "finish_maps": ".cam_numpy", "TARGETS": ".cam_numpy",
     "save_overlay": ".overlay",
     "Caption": ".figure", "heatmap_figure": ".figure", "save_heatmap_figure": ".figure",
@@ -29,6 +30,6 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from .cam_numpy import TARGETS, LinearHead, finish_maps, linear_head_maps
-    from .gradcam import GradCAM, linear_head, resolve_layer
+    from .gradcam import GradCAM, linear_head, linear_heads, resolve_layer, resolve_layers
     from .figure import Caption, heatmap_figure, save_heatmap_figure
     from .overlay import save_overlay

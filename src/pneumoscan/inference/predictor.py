@@ -36,6 +36,7 @@ from ..models.bundle import ModelBundle
 from .reading import decode_file, ordered_map
 from .records import DecodedImage, Prediction
 from .runners import Runner, TorchModelProvider
+from .shift import ShiftMonitor
 from .tta import check_mode, make_views, merge_views
 
 if TYPE_CHECKING:
@@ -60,6 +61,15 @@ class Predictor:
             ``guard=`` arguments override it.
         torch_model: the PyTorch model Grad-CAM uses (default: the runner's, else built from
             the bundle on first use; see :class:`~pneumoscan.inference.runners.TorchModelProvider`).
+
+    Attributes:
+        shift: the distribution-shift check (:class:`~pneumoscan.inference.shift.ShiftMonitor`)
+            when the model has a detector and the runner gives its features, else ``None``
+            (set it to ``None`` to turn the check off).
+
+    Raises:
+        CheckpointError: a malformed shift detector, or the default model's sidecar fails its
+            checksum.
     """
 
     def __init__(self, bundle: ModelBundle, runner: Runner, *, batch_size: int = 8, tta: str | bool = "none",
@@ -71,6 +81,7 @@ class Predictor:
         self.tta = check_mode(tta)
         self.guard = _resolve_guard(guard)
         self.read_workers = min(4, os.cpu_count() or 1)
+        self.shift = ShiftMonitor.for_predictor(bundle, runner)
 
     # ------------------------------------------------------------------ the model
     @property
@@ -118,10 +129,20 @@ class Predictor:
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """Raw logits of a preprocessed batch (averaged over the TTA views, if any)."""
+        return self._views(batch, None)[0]
+
+    def logits_and_shift(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """:meth:`logits` and each image's distribution-shift score (of its unaugmented view;
+        ``None`` without :attr:`shift`), from the same forward passes."""
+        return self._views(batch, self.shift)
+
+    def _views(self, batch: np.ndarray, shift: ShiftMonitor | None) -> tuple[np.ndarray, np.ndarray | None]:
         views = make_views(batch, self.tta)
-        out = [self.runner.forward(views[i : i + self.batch_size]) for i in range(0, views.shape[0], self.batch_size)]
-        raw = np.concatenate(out).astype(np.float64) if out else np.zeros(0, np.float64)
-        return merge_views(raw, self.tta)
+        forward = shift.forward if shift is not None else lambda v: (self.runner.forward(v), None)
+        out = [forward(views[i : i + self.batch_size]) for i in range(0, views.shape[0], self.batch_size)]
+        raw = np.concatenate([z for z, _ in out]).astype(np.float64) if out else np.zeros(0, np.float64)
+        scores = shift.detector.score(np.concatenate([f for _, f in out])[: batch.shape[0]]) if shift is not None and out else None
+        return merge_views(raw, self.tta), scores
 
     def calibrate(self, logits: np.ndarray) -> np.ndarray:
         """Calibrated probabilities ``sigmoid(logit / T)``."""
@@ -136,11 +157,15 @@ class Predictor:
     def _extra(self) -> dict[str, Any]:
         return {"weights": self.weights_id} if self.weights_id else {}
 
-    def _answer(self, name: str | None, prob: float, guard_score: float | None) -> Prediction:
+    def _answer(self, name: str | None, prob: float, guard_score: float | None, shift_score: float | None = None) -> Prediction:
         extra = self._extra()
         if guard_score is not None:
             extra["guard_score"] = round(guard_score, 4)
-        return Prediction(name, float(prob), self.label_of(prob), self.threshold, self.name, extra=extra)
+        warnings = []
+        if shift_score is not None and self.shift is not None:
+            extra["shift_score"] = round(float(shift_score), 3)
+            warnings = [w for w in [self.shift.detector.warning(float(shift_score))] if w]
+        return Prediction(name, float(prob), self.label_of(prob), self.threshold, self.name, extra=extra, warnings=warnings)
 
     def _failed(self, name: str | None, error: str) -> Prediction:
         return Prediction(name, None, None, self.threshold, self.name, error=error)
@@ -177,11 +202,12 @@ class Predictor:
             keep.append(i)
         if keep:
             inputs = [items[i].input if items[i].input is not None else preprocess_image(items[i].array, self.input_size) for i in keep]
-            probs = self.calibrate(self.logits(np.stack(inputs)))
+            logits, shift = self.logits_and_shift(np.stack(inputs))
+            probs = self.calibrate(logits)
             arrays = [items[i].array for i in keep]
             cams = self.explain_arrays(arrays, layer=layer) if heatmap else [None] * len(keep)  # type: ignore[arg-type]
-            for i, p, cam in zip(keep, probs, cams):
-                out[i] = self._answer(items[i].name, p, scores.get(i))
+            for k, (i, p, cam) in enumerate(zip(keep, probs, cams)):
+                out[i] = self._answer(items[i].name, p, scores.get(i), None if shift is None else shift[k])
                 out[i].heatmap = cam  # type: ignore[union-attr]
         for it, pred in zip(items, out):  # DICOM study/series/instance identifiers travel with the answer
             if pred is not None and it.meta and it.meta.get("identifiers"):

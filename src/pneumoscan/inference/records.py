@@ -44,7 +44,10 @@ class Prediction:
         heatmap: Grad-CAM map in [0, 1] at the resolution of the decoded image (not
             serialised).
         extra: additional fields (``weights``: the weights' sha256 prefix, ``guard_score``,
-            ``heatmap_file``, ...), merged into :meth:`to_dict`.
+            ``shift_score``, ``heatmap_file``, ...), merged into :meth:`to_dict`.
+        warnings: what the reader of this answer must know (e.g. that the image lies outside
+            the population the model was validated on: :mod:`pneumoscan.inference.shift`);
+            empty when there is nothing to say.
     """
 
     path: str | None
@@ -56,6 +59,7 @@ class Prediction:
     refused: str | None = None
     heatmap: np.ndarray | None = field(default=None, repr=False)
     extra: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def status(self) -> str:

@@ -39,6 +39,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from ..data.formats import sniff_format
 from ..errors import ImageReadError, ImageTooLargeError, PneumoscanError, UnsupportedFormatError
 from ..inference.predictor import Predictor
 from ..utils.version import __version__
@@ -47,8 +48,8 @@ from .schemas import (
     PREDICT_BODY, PREDICT_ERRORS, STATUS_CODES, V1_ERRORS, ApiError, Health, ModelInfo, PredictResponse, clean, error_response,
 )
 from .service import InferenceService, model_info
-from .settings import PAGE_CSP, ServeSettings
-from .upload import ByteBudget, read_upload, reserve_upload, sniff_format
+from .settings import ACCEPTED_FORMATS, PAGE_CSP, ServeSettings
+from .upload import ByteBudget, read_upload, reserve_upload
 
 log = logging.getLogger(__name__)
 
@@ -240,8 +241,8 @@ async def _read_and_predict(request: Request, deadline: float, heatmap: bool, pr
         data, upload = await read_upload(request, st.settings, reservation, deadline)
         request.state.body_done = True
         read_ms = (time.perf_counter() - t_read) * 1000.0
-        fmt = sniff_format(data, upload["filename"], upload["content_type"])
-        if fmt is None:
+        fmt = sniff_format(data)  # the content decides, never the client's file name or media type
+        if fmt not in ACCEPTED_FORMATS:
             raise ApiError(415, "unsupported_media_type", "not a JPEG, PNG or DICOM file")
         n_bytes = len(data)
         fut = st.service.submit(data, fmt, heatmap, preview)

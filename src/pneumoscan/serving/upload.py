@@ -424,22 +424,3 @@ async def read_upload(request: Request, settings: ServeSettings, reservation: Re
         raise ApiError(422, "empty_file", "the uploaded file is empty (0 bytes)")
     return data, {"filename": collector.filename, "content_type": collector.content_type, "body_bytes": received}
 
-
-def sniff_format(data: bytes, filename: str | None, content_type: str | None) -> str | None:
-    """``"JPEG"``, ``"PNG"`` or ``"DICOM"`` from the file's leading bytes (DICOM files
-    without the Part-10 preamble are recognised by name or ``application/dicom``), else None.
-
-    Args:
-        data: the file's bytes.
-        filename: the name the client gave the file, if any.
-        content_type: the part's Content-Type, if any.
-    """
-    if data[:3] == b"\xff\xd8\xff":
-        return "JPEG"
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return "PNG"
-    if len(data) >= 132 and data[128:132] == b"DICM":
-        return "DICOM"
-    if (filename or "").lower().endswith((".dcm", ".dicom")) or (content_type or "").startswith("application/dicom"):
-        return "DICOM"
-    return None
