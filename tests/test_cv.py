@@ -142,7 +142,7 @@ def test_letterbox_adds_black_bars_and_keeps_the_size() -> None:
 
 
 def test_shift_perturbations_keep_uint8_shape() -> None:
-    from pneumoscan.training.shift import SHIFTS
+    from pneumoscan.training.shifted_val import SHIFTS
 
     x = _xray_like(64, 64)
     g = torch.Generator().manual_seed(0)

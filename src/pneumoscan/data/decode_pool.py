@@ -1,70 +1,55 @@
 """A pool of long-lived decoding processes: what :func:`~pneumoscan.data.isolated.decode_isolated`
 runs on.
 
-Each worker is a child of the ``multiprocessing`` forkserver (``spawn`` where there is none;
-never a plain ``fork`` of a threaded caller) that decodes one image at a time for the
-caller. Per task, the worker caps its own address space at its current size plus the task's
-``max_memory`` and its CPU time just above the task's limit (a backstop should the caller die);
-the caller enforces the wall-clock limit and kills the worker when it overruns, dies or answers
-nonsense, and starts a fresh one for the next task. Workers are recycled after
-:data:`MAX_TASKS` tasks, after running out of memory or hitting a decoder bug, and when they
-hold more than :data:`RETIRE_RSS_BYTES` after a decode.
+Each worker (:mod:`pneumoscan.data.decode_worker`) is a child of the ``multiprocessing``
+forkserver (``spawn`` where there is none; never a plain ``fork`` of a threaded caller) and
+decodes one image at a time, capping its own memory for each task. The caller enforces the
+wall-clock limit: it kills a worker that overruns, dies or answers nonsense, and the next call
+starts a fresh one. Workers are also replaced after :data:`MAX_TASKS` tasks, after running out
+of memory or hitting a decoder bug, and when they hold more than
+:data:`~pneumoscan.data.decode_worker.RETIRE_RSS_BYTES` after a decode.
 
-Messages are a fixed-size frame (header length, payload length), a JSON header and raw bytes:
-the file going in, the float32 pixels coming back. Nothing is unpickled on either side, and the
-caller checks every answer (header size, shape within
-:data:`~pneumoscan.data.limits.MAX_PIXELS`, exact payload size), so a decoder subverted by a
-file cannot run code in the caller.
+The caller checks every answer (header size, shape within
+:data:`~pneumoscan.data.limits.MAX_PIXELS`, exact payload size) and unpickles nothing, so a
+decoder subverted by a file cannot run code in the caller.
 """
 from __future__ import annotations
 
 import atexit
 import contextlib
-import json
 import logging
-import math
 import multiprocessing
 import os
 import signal
 import socket
-import struct
 import threading
 import time
-from typing import Any, Collection, Iterator
+from typing import Any, Collection
 
 import numpy as np
 
 from ..errors import ImageReadError, ImageTooLargeError, UnsupportedFormatError
 from ..utils.text import safe_text
-from .io import decode_image
-from .limits import MAX_FILE_BYTES, MAX_PIXELS
+from .decode_worker import ProtocolError, recv_header, recv_into, send, serve
+from .limits import MAX_PIXELS
 
-__all__ = ["MAX_TASKS", "RETIRE_RSS_BYTES", "DecodePool", "configure_decode_pool", "default_pool", "shutdown_decode_pool"]
+__all__ = ["MAX_TASKS", "DecodePool", "configure_decode_pool", "default_pool", "shutdown_decode_pool"]
 
 log = logging.getLogger(__name__)
 
 #: Tasks a worker runs before it is replaced.
 MAX_TASKS = 500
-#: A worker holding more resident memory than this after a decode is replaced.
-RETIRE_RSS_BYTES = 256 << 20
 #: Longest wait for a new worker to say it is ready (the first also starts the forkserver).
 START_TIMEOUT_S = 60.0
-#: Largest JSON header either side may send (metadata is a few hundred bytes).
-_MAX_HEADER_BYTES = 1 << 20
-#: Header length (bytes), payload length (bytes).
-_FRAME = struct.Struct("!IQ")
 _ERRORS = {cls.__name__: cls for cls in (ImageReadError, UnsupportedFormatError, ImageTooLargeError)}
-_PRELOAD = ["__main__", __name__, "PIL.BmpImagePlugin", "PIL.GifImagePlugin", "PIL.JpegImagePlugin",
-            "PIL.PngImagePlugin", "PIL.PpmImagePlugin", "PIL.TiffImagePlugin", "PIL.WebPImagePlugin",
-            "pydicom", "pydicom.pixels"]
+#: What the forkserver imports once, so that a worker starts ready to decode.
+_PRELOAD = ["__main__", "pneumoscan.data.decode_worker", "PIL.BmpImagePlugin", "PIL.GifImagePlugin",
+            "PIL.JpegImagePlugin", "PIL.PngImagePlugin", "PIL.PpmImagePlugin", "PIL.TiffImagePlugin",
+            "PIL.WebPImagePlugin", "pydicom", "pydicom.pixels"]
 
 _context: Any = None
 _context_lock = threading.Lock()
 _start_lock = threading.Lock()
-
-
-class _Nonsense(Exception):
-    """A worker broke the protocol."""
 
 
 def _mp_context() -> Any:
@@ -81,165 +66,23 @@ def _mp_context() -> Any:
         return _context
 
 
-# ----------------------------------------------------------------------------- wire format
-def _arm(sock: socket.socket, deadline: float | None) -> None:
-    """Give the next socket operation what is left until ``deadline`` (``None``: no limit)."""
-    if deadline is None:
-        return
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise socket.timeout
-    sock.settimeout(left if math.isfinite(left) else None)
-
-
-def _send(sock: socket.socket, header: dict[str, Any], payload: Any = b"", deadline: float | None = None) -> None:
-    """One message: frame, JSON header, raw payload (bytes or a byte memoryview)."""
-    head = json.dumps(header, default=str).encode("utf-8")
-    _arm(sock, deadline)
-    sock.sendall(_FRAME.pack(len(head), len(payload)) + head)
-    if len(payload):
-        _arm(sock, deadline)
-        sock.sendall(payload)
-
-
-def _recv_into(sock: socket.socket, view: memoryview, deadline: float | None) -> None:
-    """Fill ``view`` from the socket; ``EOFError`` when the other side closes first."""
-    got = 0
-    while got < len(view):
-        _arm(sock, deadline)
-        n = sock.recv_into(view[got:])
-        if n == 0:
-            raise EOFError
-        got += n
-
-
-def _recv_header(sock: socket.socket, deadline: float | None) -> tuple[Any, int]:
-    """The JSON header of the next message and the length of its payload (still to read)."""
-    frame = bytearray(_FRAME.size)
-    _recv_into(sock, memoryview(frame), deadline)
-    head_len, payload_len = _FRAME.unpack(frame)
-    if head_len > _MAX_HEADER_BYTES:
-        raise _Nonsense
-    head = bytearray(head_len)
-    _recv_into(sock, memoryview(head), deadline)
-    try:
-        return json.loads(head), payload_len
-    except ValueError as e:
-        raise _Nonsense from e
-
-
-# ----------------------------------------------------------------------------- the worker
-def _address_space() -> int | None:
-    """This process's current virtual memory size in bytes (Linux), else ``None``."""
-    try:
-        with open("/proc/self/statm", encoding="ascii") as fh:
-            return int(fh.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _resident() -> int:  # pragma: no cover - runs in the worker
-    """This process's resident memory in bytes (Linux), else 0."""
-    try:
-        with open("/proc/self/statm", encoding="ascii") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-@contextlib.contextmanager
-def _task_limits(timeout_s: float, max_memory: int) -> Iterator[None]:  # pragma: no cover - runs in the worker
-    """Cap this worker for one task: address space at its current size plus ``max_memory``,
-    CPU time at what it has used plus just over ``timeout_s``; the previous limits after."""
-    try:
-        import resource
-    except ImportError:  # not POSIX
-        yield
-        return
-    saved = {lim: resource.getrlimit(lim) for lim in (resource.RLIMIT_AS, resource.RLIMIT_CPU)}
-    wanted = {}
-    if math.isfinite(timeout_s):
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        wanted[resource.RLIMIT_CPU] = int(math.ceil(usage.ru_utime + usage.ru_stime + timeout_s)) + 1
-    current = _address_space()
-    if current is not None:
-        wanted[resource.RLIMIT_AS] = current + int(max_memory)
-    for lim, soft in wanted.items():
-        hard = saved[lim][1]
-        with contextlib.suppress(ValueError, OSError):  # a lower hard limit already applies
-            resource.setrlimit(lim, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
-    try:
-        yield
-    finally:
-        for lim, value in saved.items():
-            with contextlib.suppress(ValueError, OSError):
-                resource.setrlimit(lim, value)
-
-
-def _decode_task(task: dict[str, Any], data: bytes) -> tuple[dict[str, Any], np.ndarray | None]:  # pragma: no cover - worker
-    """Decode one file: the answer header (``ok``, ``shape``, ``meta``; or ``error``, the
-    exception's class name, and ``reason``; ``retire`` when this worker should be replaced)
-    and the float32 pixels."""
-    name = str(task["name"])
-    with _task_limits(float(task["timeout_s"]), int(task["max_memory"])):
-        try:
-            arr, meta = decode_image(data, name, max_side=task["max_side"], formats=task["formats"])
-            arr = np.ascontiguousarray(arr, dtype=np.float32)
-            answer: dict[str, Any] = {"ok": True, "shape": list(arr.shape), "meta": meta}
-        except ImageReadError as e:
-            return {"ok": False, "error": type(e).__name__, "reason": e.reason}, None
-        except MemoryError:
-            mb = max(1, round(int(task["max_memory"]) / (1 << 20)))
-            return {"ok": False, "error": "ImageTooLargeError", "reason": f"image too large to decode in memory (limit {mb} MB)",
-                    "retire": True}, None
-        except Exception as e:  # noqa: BLE001 - a decoder bug: one line for the caller, not a traceback
-            return {"ok": False, "error": "ImageReadError", "reason": f"cannot decode image ({type(e).__name__})", "retire": True}, None
-    answer["retire"] = _resident() > RETIRE_RSS_BYTES
-    return answer, arr
-
-
-def _serve(sock: socket.socket) -> None:  # pragma: no cover - runs in the worker
-    """The worker's loop: say ready, then answer one task at a time until the caller closes
-    the socket (or the answer says this worker retires)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the caller's to handle
-    sock.settimeout(None)
-    _send(sock, {"ready": True})
-    while True:
-        try:
-            task, size = _recv_header(sock, None)
-            if size > MAX_FILE_BYTES:
-                return
-            buf = bytearray(size)
-            _recv_into(sock, memoryview(buf), None)
-        except (EOFError, OSError, _Nonsense):
-            return
-        data = bytes(buf)
-        del buf
-        answer, arr = _decode_task(task, data)
-        del data
-        _send(sock, answer, b"" if arr is None else memoryview(arr).cast("B"))
-        del arr
-        if answer.get("retire"):
-            return
-
-
 # ----------------------------------------------------------------------------- the caller's side
 def _parse_answer(msg: Any, payload_len: int, name: str) -> tuple[tuple[int, int], dict[str, Any]]:
     """Check a worker's answer header (it decoded hostile bytes, so it is not trusted either):
     an error becomes the matching exception, with its reason escaped; otherwise the image
     shape, within :data:`~pneumoscan.data.limits.MAX_PIXELS` and matching the payload, and the
-    metadata. :class:`_Nonsense` for anything else."""
+    metadata. :class:`ProtocolError` for anything else."""
     try:
         if not msg["ok"]:
             if payload_len:
-                raise _Nonsense
+                raise ProtocolError
             raise _ERRORS.get(str(msg.get("error")), ImageReadError)(name, safe_text(msg.get("reason"), 300))
         h, w = (int(v) for v in msg["shape"])
         meta = dict(msg["meta"])
     except (ValueError, TypeError, KeyError) as e:
-        raise _Nonsense from e
+        raise ProtocolError from e
     if not (0 < h and 0 < w and h * w <= MAX_PIXELS and payload_len == 4 * h * w):
-        raise _Nonsense
+        raise ProtocolError
     if isinstance(meta.get("original_size"), list):
         meta["original_size"] = tuple(meta["original_size"])
     return (h, w), meta
@@ -417,7 +260,7 @@ class DecodePool:
         """A new worker, once it has said it is ready."""
         ours, theirs = socket.socketpair()
         try:
-            proc = _mp_context().Process(target=_serve, args=(theirs,), name="pneumoscan-decode", daemon=True)
+            proc = _mp_context().Process(target=serve, args=(theirs,), name="pneumoscan-decode", daemon=True)
             with _start_lock:
                 proc.start()
         except OSError as e:
@@ -427,10 +270,10 @@ class DecodePool:
             theirs.close()
         worker = _Worker(proc, ours)
         try:
-            msg, payload_len = _recv_header(ours, time.monotonic() + START_TIMEOUT_S)
+            msg, payload_len = recv_header(ours, time.monotonic() + START_TIMEOUT_S)
             if msg != {"ready": True} or payload_len:
-                raise _Nonsense
-        except (socket.timeout, EOFError, OSError, _Nonsense):
+                raise ProtocolError
+        except (socket.timeout, EOFError, OSError, ProtocolError):
             code = worker.end()
             raise ImageReadError(name, f"the decoder process did not start (exit code {code})") from None
         return worker
@@ -442,20 +285,20 @@ class DecodePool:
         w.tasks += 1
         deadline = time.monotonic() + timeout_s
         try:
-            _send(w.sock, task, data, deadline)
-            msg, payload_len = _recv_header(w.sock, deadline)
+            send(w.sock, task, data, deadline)
+            msg, payload_len = recv_header(w.sock, deadline)
             try:
                 shape, meta = _parse_answer(msg, payload_len, name)
             except ImageReadError:
                 w.reusable = not msg.get("retire")
                 raise
             arr = np.empty(shape, dtype=np.float32)
-            _recv_into(w.sock, memoryview(arr).cast("B"), deadline)
+            recv_into(w.sock, memoryview(arr).cast("B"), deadline)
             w.reusable = not msg.get("retire")
             return arr, meta
         except socket.timeout:
             raise ImageReadError(name, f"decoding took longer than {timeout_s:g} s") from None
-        except _Nonsense:
+        except ProtocolError:
             raise ImageReadError(name, "the decoder process answered nonsense") from None
         except (EOFError, OSError):  # the worker died
             raise _died(name, w.end(kill=False), timeout_s) from None

@@ -10,7 +10,7 @@ holds :class:`Preprocessing`); both resizes are the same antialiased bilinear fi
 The robustness augmentations (exposure and processing: gamma, equalisation, autocontrast,
 blur, sharpening, noise, letterboxing, JPEG re-compression) are off by default; each is an
 ``AugmentConfig`` field. :func:`add_noise` and :func:`letterbox` are also the building blocks
-of the fixed "shifted validation" perturbations (:mod:`pneumoscan.training.shift`).
+of the fixed "shifted validation" perturbations (:mod:`pneumoscan.training.shifted_val`).
 """
 from __future__ import annotations
 

@@ -9,7 +9,9 @@ channel weights (the spatial mean of the gradient) are ``±w / (H·W)`` and its 
 ``A`` as a second output (``features``) and stores ``w`` and ``b`` in its metadata
 (:class:`LinearHead`), so :func:`linear_head_maps` explains a prediction with onnxruntime
 alone. MobileNetV2, the ResNets and EfficientNet-B0 qualify; which models do is decided
-numerically at export time (:func:`pneumoscan.explain.gradcam.linear_head`).
+numerically at export time (:func:`pneumoscan.explain.gradcam.linear_head`). An ensemble of
+such networks exports one feature output and one head per member (a list: :func:`heads_from_json`),
+and its map is the mean of the members' maps, as its PyTorch Grad-CAM.
 
 NumPy and Pillow only: this module never imports PyTorch.
 """
@@ -60,6 +62,22 @@ class LinearHead:
         if not head.layer or w.size == 0 or not np.all(np.isfinite(w)) or not np.isfinite(head.bias):
             raise ModelError("malformed linear head description (empty layer or weights, or non-finite values)")
         return head
+
+
+def heads_from_json(value: Any) -> list[LinearHead]:
+    """The heads an export's ``pneumoscan.cam`` metadata describes: one
+    :meth:`LinearHead.to_dict` (one network) or a list of them (an ensemble, one per member).
+
+    Args:
+        value: the decoded JSON.
+
+    Raises:
+        ModelError: an empty list or a malformed head.
+    """
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise ModelError("malformed linear head description (an empty list)")
+    return [LinearHead.from_dict(d) for d in items]
 
 
 def check_target(target: str) -> str:
@@ -115,8 +133,8 @@ def finish_maps(raw: np.ndarray, size: tuple[int, int] | None = None) -> np.ndar
 
 
 def linear_head_maps(
-    features: np.ndarray,
-    head: LinearHead,
+    features: np.ndarray | Sequence[np.ndarray],
+    head: LinearHead | Sequence[LinearHead],
     logits: Sequence[float] | np.ndarray,
     *,
     target: str = "predicted",
@@ -126,20 +144,31 @@ def linear_head_maps(
     """Grad-CAM maps of a global-average-pooling + linear head, from the target layer's output.
 
     Args:
-        features: ``(B, C, h, w)`` output of ``head.layer`` (an ONNX export's ``features``).
-        head: the linear unit.
-        logits: ``(B,)`` the images' raw logits (they choose the explained class).
+        features: ``(B, C, h, w)`` output of ``head.layer`` (an ONNX export's ``features``);
+            for an ensemble, one such array per member.
+        head: the linear unit; for an ensemble, one per member (the maps are then the mean of
+            the members' maps).
+        logits: ``(B,)`` the images' raw logits (they choose the explained class; an
+            ensemble's: the mean of its members').
         target: ``"predicted"`` class, ``"pneumonia"`` or ``"normal"``.
         logit_threshold: the logit at which the prediction turns PNEUMONIA.
-        size: ``(H, W)`` of the maps (the model's input side), ``None``: ``(h, w)``.
+        size: ``(H, W)`` of the maps (the model's input side), ``None``: ``(h, w)`` (an
+            ensemble: the finest of its members').
 
     Returns:
         ``(B, H, W)`` float32 maps in [0, 1], equal to PyTorch Grad-CAM's
         (:class:`pneumoscan.explain.GradCAM`) up to float rounding.
 
     Raises:
-        ModelError: features that do not fit the head.
+        ModelError: features that do not fit the head(s).
     """
+    if not isinstance(head, LinearHead):
+        heads, feats = list(head), [np.asarray(f, dtype=np.float32) for f in features]
+        if not heads or len(heads) != len(feats):
+            raise ModelError(f"{len(feats)} feature maps for {len(heads)} linear heads")
+        size = size or max(tuple(f.shape[-2:]) for f in feats)
+        maps = [linear_head_maps(f, h, logits, target=target, logit_threshold=logit_threshold, size=size) for f, h in zip(feats, heads)]
+        return maps[0] if len(maps) == 1 else np.mean(np.stack(maps), axis=0, dtype=np.float32)
     a = np.asarray(features, dtype=np.float32)
     if a.ndim != 4 or a.shape[1] != head.weight.size:
         raise ModelError(f"features of shape {a.shape} do not fit a linear head of {head.weight.size} channels")

@@ -18,11 +18,13 @@ measured on that form.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from ..core.imaging import fit_within, resize_float
 
@@ -45,6 +47,11 @@ STRETCH = (0.5, 99.5)
 #: ``BORDER_TOL`` of the outermost line's median (JPEG ringing and sensor noise included).
 BORDER_COVERAGE = 0.97
 BORDER_TOL = 0.03
+#: The template is also matched zoomed (scale), rotated (degrees) and shifted (fractions of
+#: the side, x and y), as chest films come tightly cropped, zoomed out, tilted or off-centre.
+BANK_SCALES = (0.75, 0.9, 1.0, 1.2, 1.45)
+BANK_ANGLES = (-12.0, 0.0, 12.0)
+BANK_SHIFTS = ((0.0, 0.0), (-0.08, 0.0), (0.08, 0.0), (-0.08, 0.08), (0.0, 0.08), (0.08, 0.08))
 
 
 def _corr(a: np.ndarray, b: np.ndarray) -> float:
@@ -209,7 +216,10 @@ def _canonical(p: Prepared, template: np.ndarray | None) -> tuple[np.ndarray, np
     were inverted to match the template's polarity."""
     scale = 1.0 / (p.hi - p.lo) if p.hi - p.lo > 1e-6 else 0.0
     x = np.clip((p.square - p.lo) * scale, 0.0, 1.0)
-    invert = template is not None and _corr(_pool(x, TEMPLATE), template) < 0
+    invert = False
+    if template is not None:  # the sign of the strongest match with any variant of the template
+        c = template_bank(template) @ _unit(_pool(x, TEMPLATE))
+        invert = bool(c[int(np.argmax(np.abs(c)))] < 0)
     y0, y1, x0, x1 = p.box
     crop = np.clip((p.image[y0:y1, x0:x1] - p.lo) * scale, 0.0, 1.0)
     if invert:
@@ -230,16 +240,72 @@ def thumbnail(img: np.ndarray, prepared: Prepared | None = None) -> np.ndarray:
     return _zscore(_pool(x, TEMPLATE))
 
 
+def _unit(v: np.ndarray) -> np.ndarray:
+    """``v`` flattened, centred and scaled to unit norm (zeros when flat): dot products of
+    such vectors are Pearson correlations."""
+    v = np.asarray(v, dtype=np.float64).ravel()
+    v = v - v.mean()
+    n = float(np.sqrt(v @ v))
+    return v / n if n > 1e-12 else np.zeros_like(v)
+
+
+@functools.lru_cache(maxsize=8)
+def _bank_of(key: bytes) -> np.ndarray:
+    t = np.frombuffer(key, dtype=np.float64).reshape(TEMPLATE, TEMPLATE)
+    n = 4 * TEMPLATE
+    big = Image.fromarray(resize_float(t, n, n, clip=False), mode="F")
+    c = n / 2
+    rows = []
+    for scale in BANK_SCALES:
+        for angle in BANK_ANGLES:
+            for dx, dy in BANK_SHIFTS:
+                # output pixel p samples the template at c + R(-angle) (p - c - shift) / scale
+                ca, sa = math.cos(math.radians(angle)) / scale, math.sin(math.radians(angle)) / scale
+                tx, ty = c + dx * n, c + dy * n
+                coeffs = (ca, sa, c - ca * tx - sa * ty, -sa, ca, c + sa * tx - ca * ty)
+                w = big.transform((n, n), Image.Transform.AFFINE, coeffs, resample=Image.Resampling.BILINEAR, fillcolor=0.0)
+                rows.append(_unit(np.asarray(w).reshape(TEMPLATE, 4, TEMPLATE, 4).mean(axis=(1, 3))))
+    identity = BANK_SCALES.index(1.0) * len(BANK_ANGLES) * len(BANK_SHIFTS) + BANK_ANGLES.index(0.0) * len(BANK_SHIFTS)
+    rows.insert(0, rows.pop(identity))
+    return np.stack(rows)
+
+
+def template_bank(template: np.ndarray) -> np.ndarray:
+    """The chest template zoomed, rotated and shifted (:data:`BANK_SCALES`, :data:`BANK_ANGLES`,
+    :data:`BANK_SHIFTS`), as rows of unit vectors; row 0 is the template itself.
+
+    Args:
+        template: ``TEMPLATE``² mean chest X-ray thumbnail.
+    """
+    return _bank_of(np.ascontiguousarray(template, dtype=np.float64).tobytes())
+
+
 def template_features(thumb: np.ndarray, template: np.ndarray | None) -> dict[str, float]:
-    """Correlation of a thumbnail (and of its mirror image) with the chest template.
+    """Correlation of a thumbnail (and of its mirror image) with the chest template, and the
+    best correlation with any of its zoomed, rotated or shifted variants.
 
     Args:
         thumb: ``TEMPLATE``² thumbnail.
-        template: the mean chest X-ray thumbnail, or ``None`` (both features 0).
+        template: the mean chest X-ray thumbnail, or ``None`` (all features 0).
     """
     if template is None:
-        return {"template_corr": 0.0, "template_corr_flip": 0.0}
-    return {"template_corr": _corr(thumb, template), "template_corr_flip": _corr(thumb[:, ::-1], template)}
+        return {"template_corr": 0.0, "template_corr_flip": 0.0, "template_corr_best": 0.0}
+    c = template_bank(template) @ _unit(thumb)
+    return {"template_corr": float(c[0]), "template_corr_flip": _corr(thumb[:, ::-1], template), "template_corr_best": float(c.max())}
+
+
+def _symmetry_best(x: np.ndarray) -> float:
+    """The best left-right mirror correlation of a 32² thumbnail about an axis tilted by up to
+    8 degrees or moved by up to 2 pixels."""
+    z = _zscore(_pool(x, 32)).astype(np.float32)
+    best = -1.0
+    for angle in (-8.0, 0.0, 8.0):
+        r = z if angle == 0 else np.asarray(Image.fromarray(z, mode="F").rotate(angle, resample=Image.Resampling.BILINEAR))
+        m = r[:, ::-1]
+        for s in (-4, 0, 4):
+            a, b = (r[:, s:], m[:, : 32 - s]) if s >= 0 else (r[:, :s], m[:, -s:])
+            best = max(best, _corr(a, b))
+    return best
 
 
 def image_features(
@@ -320,6 +386,7 @@ def image_features(
     # ---------------------------------------------------------------- symmetry and layout
     z64 = _zscore(_pool(x, 64))
     f["sym_lr"] = _corr(z64, z64[:, ::-1])
+    f["sym_lr_best"] = _symmetry_best(x)
     f["sym_ud"] = _corr(z64, z64[::-1, :])
     z = _zscore(x)
     rows = z.reshape(8, SIDE // 8, SIDE).mean(axis=(1, 2))

@@ -6,7 +6,10 @@ and channel expansion are inside the model, as in PyTorch) and returns ``logit``
 the ResNets, EfficientNet-B0: :func:`pneumoscan.explain.gradcam.linear_head` decides) it also
 returns ``features``: ``(batch, C, h, w)``, the Grad-CAM layer's output, and the head's weights
 are stored as ``pneumoscan.cam``; Grad-CAM heat maps then need no PyTorch
-(:mod:`pneumoscan.explain.cam_numpy`). The batch axis is dynamic. Everything else a predictor
+(:mod:`pneumoscan.explain.cam_numpy`). An ensemble (:mod:`pneumoscan.models.ensemble`) is one
+graph returning the mean logit; when every member has such a head it also returns
+``features_0`` .. ``features_<n-1>``, one per member, and ``pneumoscan.cam`` lists the members'
+heads (its map is the mean of theirs). The batch axis is dynamic. Everything else a predictor
 needs is stored in the file's ``metadata_props``:
 
 ========================  ===========================================================
@@ -24,7 +27,7 @@ needs is stored in the file's ``metadata_props``:
                           read back by :func:`~pneumoscan.inference.onnx_cache.bundle_from_metadata`
                           (the keys above stay for files and tools that predate it)
 ``pneumoscan.cam``        JSON ``{"layer", "weight", "bias"}`` of the pooled linear head
-                          (only with the ``features`` output)
+                          (only with the ``features`` output; an ensemble: a list of them)
 ========================  ===========================================================
 
 The exporter is torch's ``torch.export``-based one (``dynamo=True``, opset 18), with the
@@ -39,13 +42,15 @@ import json
 import logging
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 from ..errors import ConfigError, ModelError
 from ..models.bundle import ModelBundle, default_manifest, default_model_dir, load_bundle, record_default_onnx
 from ..utils.io import atomic_path
 from ..utils.version import __version__
-from .runners import BUNDLE_KEY, CAM_KEY, FEATURES_NAME, INPUT_NAME, LOGIT_NAME, ONNX_FORMAT, open_session, session_metadata
+from .runners import (
+    BUNDLE_KEY, CAM_KEY, INPUT_NAME, LOGIT_NAME, ONNX_FORMAT, feature_output_names, open_session, session_metadata,
+)
 
 if TYPE_CHECKING:  # PyTorch is imported by the functions that export
     import torch
@@ -68,12 +73,13 @@ def _require_onnx() -> Any:
     return onnx
 
 
-def onnx_metadata(bundle: ModelBundle, head: LinearHead | None = None) -> dict[str, str]:
+def onnx_metadata(bundle: ModelBundle, heads: Sequence[LinearHead] | None = None) -> dict[str, str]:
     """The ``metadata_props`` written for a model (all values are strings).
 
     Args:
         bundle: the model (its ``sha256`` becomes ``source_sha256``).
-        head: the pooled linear head, when the graph also returns ``features``.
+        heads: the pooled linear head(s), when the graph also returns feature maps (one
+            network: one head and ``features``; an ensemble: one per member).
     """
     out = {
         "pneumoscan.format": ONNX_FORMAT,
@@ -92,39 +98,47 @@ def onnx_metadata(bundle: ModelBundle, head: LinearHead | None = None) -> dict[s
     }
     if bundle.val_metrics:
         out["val_metrics"] = json.dumps(bundle.val_metrics, default=float)
-    if head is not None:
-        out["output"] += (f"; {FEATURES_NAME}: float32 (batch, C, h, w), the output of {head.layer}; "
-                          f"Grad-CAM = relu(±weight · {FEATURES_NAME}) with {CAM_KEY}'s weight")
-        out[CAM_KEY] = json.dumps(head.to_dict())
+    if heads:
+        names = feature_output_names(len(heads))
+        out["output"] += "".join(f"; {n}: float32 (batch, C, h, w), the output of {h.layer}" for n, h in zip(names, heads))
+        out["output"] += f"; Grad-CAM = relu(±weight · {names[0]}) with {CAM_KEY}'s weight"
+        if len(heads) == 1:
+            out[CAM_KEY] = json.dumps(heads[0].to_dict())
+        else:
+            out["output"] += " (one head per member, in order; the ensemble's map is the mean of the members' maps)"
+            out[CAM_KEY] = json.dumps([h.to_dict() for h in heads])
     return out
 
 
-def _logit_and_features(model: torch.nn.Module, layer: str) -> torch.nn.Module:
-    """``model`` returning ``(logit, output of layer)`` (a forward hook keeps the latter)."""
+def _logit_and_features(model: torch.nn.Module, layers: Sequence[str]) -> torch.nn.Module:
+    """``model`` returning ``(logit, output of each layer...)`` (forward hooks keep the latter)."""
     from torch import nn
 
-    target = dict(model.named_modules())[layer]
+    modules = dict(model.named_modules())
+    targets = [modules[name] for name in layers]
 
     class LogitAndFeatures(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.model = model
-            self.kept: list[torch.Tensor] = []
-            self.hook = target.register_forward_hook(lambda _m, _i, out: self.kept.append(out))
+            self.kept: dict[int, torch.Tensor] = {}
+            self.hooks = [t.register_forward_hook(self._keeper(i)) for i, t in enumerate(targets)]
 
-        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def _keeper(self, i: int) -> Any:
+            return lambda _m, _i, out: self.kept.__setitem__(i, out)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
             self.kept.clear()
             logit = self.model(x)
-            return logit, self.kept[-1]
+            return (logit, *(self.kept[i] for i in range(len(targets))))
 
     return LogitAndFeatures()
 
 
-def _export_graph(model: torch.nn.Module, size: int, path: Path, opset: int, dynamo: bool, features: bool) -> None:
+def _export_graph(model: torch.nn.Module, size: int, path: Path, opset: int, dynamo: bool, outputs: list[str]) -> None:
     import torch
 
     x = torch.rand(2, 1, size, size)
-    outputs = [LOGIT_NAME, FEATURES_NAME] if features else [LOGIT_NAME]
     common = {"input_names": [INPUT_NAME], "output_names": outputs, "opset_version": opset}
     # the exporters print progress and warn about their internals; keep the CLI's output clean
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
@@ -163,7 +177,8 @@ def export_onnx(
         check: run ``onnx.checker`` and compare onnxruntime's logits (and feature maps) with
             PyTorch's on a random batch (when onnxruntime is installed).
         features: for a model with a pooled linear head, also return the Grad-CAM layer's
-            feature maps and store the head (PyTorch-free heat maps); ``False``: the logit only.
+            feature maps and store the head (PyTorch-free heat maps; an ensemble: when every
+            member has one, each member's); ``False``: the logit only.
 
     Returns:
         The written path.
@@ -185,20 +200,21 @@ def export_onnx(
     for p in model.parameters():
         p.requires_grad_(False)
     size = bundle.input_size
-    head = None
+    heads = None
     if features:
-        from ..explain.gradcam import linear_head
+        from ..explain.gradcam import linear_heads
 
-        head = linear_head(model, size)
-    graph = _logit_and_features(model, head.layer) if head is not None else model
-    meta = onnx_metadata(bundle, head)
+        heads = linear_heads(model, size)
+    graph = _logit_and_features(model, [h.layer for h in heads]) if heads else model
+    outputs = [LOGIT_NAME, *feature_output_names(len(heads))] if heads else [LOGIT_NAME]
+    meta = onnx_metadata(bundle, heads)
     out = Path(out)
     tries = ["dynamo", "legacy"] if exporter == "auto" else [exporter]
     last: Exception | None = None
     with atomic_path(out) as tmp:
         for kind in tries:
             try:
-                _export_graph(graph, size, tmp, opset, dynamo=kind == "dynamo", features=head is not None)
+                _export_graph(graph, size, tmp, opset, dynamo=kind == "dynamo", outputs=outputs)
                 last = None
                 break
             except Exception as e:  # noqa: BLE001 - exporter internals raise many types
@@ -216,15 +232,15 @@ def export_onnx(
         onnx.save(proto, str(tmp))
         if check:
             onnx.checker.check_model(str(tmp))
-            _verify(tmp, graph, size)
-    if head is not None:
-        graph.hook.remove()
+            _verify(tmp, graph, size, outputs)
+    for hook in getattr(graph, "hooks", ()):
+        hook.remove()
     log.info("exported %s (%s, opset %d%s) to %s", meta["weight_name"], meta["model_name"], opset,
-             f", feature maps of {head.layer}" if head is not None else "", out)
+             f", feature maps of {', '.join(h.layer for h in heads)}" if heads else "", out)
     return out
 
 
-def _verify(path: Path, model: torch.nn.Module, size: int) -> None:
+def _verify(path: Path, model: torch.nn.Module, size: int, outputs: Sequence[str]) -> None:
     """onnxruntime and PyTorch outputs (logits, and feature maps if any) must agree on a
     random batch of 3."""
     try:
@@ -243,7 +259,7 @@ def _verify(path: Path, model: torch.nn.Module, size: int) -> None:
     refs = [t.float().numpy() for t in (ref if isinstance(ref, tuple) else (ref,))]
     if len(got) != len(refs):
         raise ModelError(f"the ONNX export has {len(got)} outputs, PyTorch {len(refs)}")
-    for name, g, r in zip((LOGIT_NAME, FEATURES_NAME), got, refs):
+    for name, g, r in zip(outputs, got, refs):
         err = float(np.max(np.abs(np.asarray(g).reshape(-1) - r.reshape(-1))))
         if not np.isfinite(err) or err > 1e-3 * max(1.0, float(np.max(np.abs(r)))):
             raise ModelError(f"the ONNX export does not reproduce PyTorch's {name} (max difference {err:.2e})")

@@ -317,10 +317,11 @@ class Predictor:
             yield from flush()
 
     # ------------------------------------------------------------------ explanations
-    def _linear_head(self, layer: str | None) -> LinearHead | None:
-        """The runner's pooled linear head, when it explains ``layer`` (``None``: the default)."""
-        head = getattr(self.runner, "linear_head", None)
-        return head if head is not None and layer in (None, head.layer) else None
+    def _linear_heads(self, layer: str | None) -> tuple[LinearHead, ...]:
+        """The runner's pooled linear heads (an ensemble: one per member), when they explain
+        ``layer`` (``None``: the default; their layers joined by commas)."""
+        heads = tuple(getattr(self.runner, "linear_heads", ()))
+        return heads if heads and layer in (None, ",".join(h.layer for h in heads)) else ()
 
     def heatmap_layer(self, layer: str | None = None) -> str:
         """The layer heat maps explain, checking that this predictor can make them (cheap on
@@ -328,19 +329,23 @@ class Predictor:
         missing model is one error before any work).
 
         Args:
-            layer: a ``named_modules`` name, ``None`` for the model's default.
+            layer: a ``named_modules`` name (several joined by commas: their maps are
+                averaged), ``None`` for the model's default (an ensemble: each member's).
+
+        Returns:
+            The layer's name (several: joined by commas).
 
         Raises:
             ModelError: no PyTorch model (a plain ONNX file without feature maps), PyTorch
                 not installed for a model that needs it, or unknown layer.
         """
-        head = self._linear_head(layer)
-        if head is not None:
-            return head.layer
+        heads = self._linear_heads(layer)
+        if heads:
+            return ",".join(h.layer for h in heads)
         model = self.torch_model.get()  # before importing Grad-CAM: PyTorch may be missing
-        from ..explain import resolve_layer
+        from ..explain import resolve_layers
 
-        return resolve_layer(model, layer)[0]
+        return ",".join(name for name, _ in resolve_layers(model, layer))
 
     def gradcam(self, layer: str | None = None, target: str = "predicted") -> GradCAM:
         """A :class:`pneumoscan.explain.GradCAM` on this predictor's PyTorch model (explaining
@@ -371,9 +376,9 @@ class Predictor:
         """
         if not len(images):
             return []
-        head = self._linear_head(layer)
-        if head is not None:
-            return self._linear_head_maps(images, head, target)
+        heads = self._linear_heads(layer)
+        if heads:
+            return self._linear_head_maps(images, heads, target)
         cam = self.gradcam(layer, target)
         import torch
 
@@ -385,7 +390,7 @@ class Predictor:
             maps += [resize_float(m[k], im.shape[0], im.shape[1]) for k, im in enumerate(chunk)]
         return maps
 
-    def _linear_head_maps(self, images: Sequence[np.ndarray], head: LinearHead, target: str) -> list[np.ndarray]:
+    def _linear_head_maps(self, images: Sequence[np.ndarray], heads: Sequence[LinearHead], target: str) -> list[np.ndarray]:
         """:meth:`explain_arrays` from the ONNX runner's feature maps (no PyTorch)."""
         from ..explain.cam_numpy import check_target, linear_head_maps
 
@@ -394,8 +399,8 @@ class Predictor:
         maps: list[np.ndarray] = []
         for i in range(0, len(images), self.batch_size):
             chunk = list(images[i : i + self.batch_size])
-            logits, feats = self.runner.forward_features(self.preprocess(chunk))  # type: ignore[attr-defined]
-            m = linear_head_maps(feats, head, logits, target=target, logit_threshold=self.logit_threshold, size=size)
+            logits, feats = self.runner.forward_feature_maps(self.preprocess(chunk))  # type: ignore[attr-defined]
+            m = linear_head_maps(feats, heads, logits, target=target, logit_threshold=self.logit_threshold, size=size)
             maps += [resize_float(m[k], im.shape[0], im.shape[1]) for k, im in enumerate(chunk)]
         return maps
 

@@ -12,7 +12,9 @@ guard, preprocessing, TTA, calibration, threshold, Grad-CAM); a runner only does
   concurrent forward passes ("lanes"). An export of a model with a pooled linear head also
   returns the Grad-CAM layer's output (``features``) and carries the head in its metadata
   (``pneumoscan.cam``): its :meth:`OnnxRunner.forward_features` is what PyTorch-free heat
-  maps are made of (:mod:`pneumoscan.explain.cam_numpy`).
+  maps are made of (:mod:`pneumoscan.explain.cam_numpy`). An ensemble's export returns one
+  such output per member (``features_0``, ``features_1``, ...) and lists their heads
+  (:meth:`OnnxRunner.forward_feature_maps`).
 
 :class:`TorchModelProvider` is the PyTorch model Grad-CAM needs otherwise, built on first use.
 PyTorch is imported only inside functions: the ONNX runner never imports it.
@@ -32,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 import numpy as np
 
 from ..errors import CheckpointError, ConfigError, ModelError
-from ..explain.cam_numpy import LinearHead
+from ..explain.cam_numpy import LinearHead, heads_from_json
 from ..models.bundle import BundleRef, ModelBundle, load_bundle
 
 if TYPE_CHECKING:
@@ -50,7 +52,8 @@ BUNDLE_KEY = "pneumoscan.bundle"
 #: Metadata key the int8 quantiser adds (its settings, as JSON).
 QUANTIZATION_KEY = "pneumoscan.quantization"
 #: Metadata key of the pooled linear head (:meth:`LinearHead.to_dict` as JSON) of an export
-#: whose second output is the Grad-CAM layer's feature maps.
+#: whose second output is the Grad-CAM layer's feature maps (an ensemble's export: a list, one
+#: head per member, and one feature output per member: :func:`feature_output_names`).
 CAM_KEY = "pneumoscan.cam"
 #: Names of an export's input and outputs.
 INPUT_NAME, LOGIT_NAME, FEATURES_NAME = "image", "logit", "features"
@@ -60,6 +63,12 @@ NEED_TORCH_HEATMAPS = "heatmaps for this model need PyTorch: pip install 'pneumo
 MAX_LANES = 4
 #: Images per onnxruntime call within a batch (measured fastest on CPUs: docs/benchmarks.md).
 LANE_BATCH = 2
+
+
+def feature_output_names(n: int) -> list[str]:
+    """The names of an export's feature outputs for ``n`` linear heads: ``features`` for one
+    network, ``features_0`` .. ``features_<n-1>`` for an ensemble's members."""
+    return [FEATURES_NAME] if n == 1 else [f"{FEATURES_NAME}_{i}" for i in range(n)]
 
 
 class Runner(Protocol):
@@ -282,8 +291,9 @@ class OnnxRunner:
     Attributes:
         metadata: the file's ``metadata_props``.
         backend: ``"onnx-int8"`` for a quantised file, else ``"onnx"``.
-        linear_head: the pooled linear head when the (fp32) file also returns the Grad-CAM
-            layer's ``features``, else ``None``.
+        linear_heads: the pooled linear heads when the (fp32) file also returns their
+            layers' feature maps (one network: one; an ensemble: one per member), else ``()``.
+        linear_head: the one pooled linear head of a single network's export, else ``None``.
     """
 
     def __init__(self, session: Any, path: str | Path, *, lanes: int = 1) -> None:
@@ -295,7 +305,12 @@ class OnnxRunner:
         self.logit_name = outputs[0]
         self.metadata = session_metadata(session)
         self.backend = "onnx-int8" if QUANTIZATION_KEY in self.metadata else "onnx"
-        self.linear_head = _linear_head(self.metadata, self.path) if FEATURES_NAME in outputs and self.backend == "onnx" else None
+        heads = _linear_heads(self.metadata, self.path) if self.backend == "onnx" else ()
+        self.feature_names = feature_output_names(len(heads)) if heads else []
+        if not set(self.feature_names) <= set(outputs):
+            heads, self.feature_names = (), []
+        self.linear_heads: tuple[LinearHead, ...] = heads
+        self.linear_head = heads[0] if len(heads) == 1 else None
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
     @classmethod
@@ -314,17 +329,29 @@ class OnnxRunner:
         out = self.session.run([self.logit_name], {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
         return np.asarray(out, dtype=np.float32).reshape(-1)
 
-    def forward_features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Raw logits ``(B,)`` and the Grad-CAM layer's ``(B, C, h, w)`` feature maps of a
-        preprocessed batch (one onnxruntime call).
+    def forward_feature_maps(self, batch: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Raw logits ``(B,)`` and the ``(B, C, h, w)`` feature maps of each of
+        :attr:`linear_heads` (one onnxruntime call).
 
         Raises:
-            ModelError: the file has no ``features`` output.
+            ModelError: the file has no feature-map output.
+        """
+        if not self.linear_heads:
+            raise ModelError(f"{self.path.name}: this ONNX file has no feature-map output")
+        out = self.session.run([self.logit_name, *self.feature_names], {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})
+        return np.asarray(out[0], dtype=np.float32).reshape(-1), [np.asarray(f, dtype=np.float32) for f in out[1:]]
+
+    def forward_features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Raw logits ``(B,)`` and the Grad-CAM layer's ``(B, C, h, w)`` feature maps of a
+        preprocessed batch (one onnxruntime call) of a single network's export.
+
+        Raises:
+            ModelError: the file has no ``features`` output (or one per ensemble member).
         """
         if self.linear_head is None:
-            raise ModelError(f"{self.path.name}: this ONNX file has no feature-map output")
-        logits, feats = self.session.run([self.logit_name, FEATURES_NAME], {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})
-        return np.asarray(logits, dtype=np.float32).reshape(-1), np.asarray(feats, dtype=np.float32)
+            raise ModelError(f"{self.path.name}: this ONNX file has no single feature-map output")
+        logits, feats = self.forward_feature_maps(batch)
+        return logits, feats[0]
 
     def forward(self, batch: np.ndarray) -> np.ndarray:
         n = batch.shape[0]
@@ -337,12 +364,12 @@ class OnnxRunner:
         return np.concatenate(list(self._pool.map(self._run, parts)))
 
 
-def _linear_head(meta: dict[str, str], path: Path) -> LinearHead | None:
-    """The :data:`CAM_KEY` head of a file's metadata; ``None`` (logged) when absent or malformed."""
+def _linear_heads(meta: dict[str, str], path: Path) -> tuple[LinearHead, ...]:
+    """The :data:`CAM_KEY` heads of a file's metadata; ``()`` (logged) when absent or malformed."""
     if CAM_KEY not in meta:
-        return None
+        return ()
     try:
-        return LinearHead.from_dict(json.loads(meta[CAM_KEY]))
+        return tuple(heads_from_json(json.loads(meta[CAM_KEY])))
     except (ValueError, TypeError, AttributeError, ModelError) as e:
         log.warning("%s: ignoring malformed %s metadata (%s); heat maps will need PyTorch", path.name, CAM_KEY, e)
-        return None
+        return ()

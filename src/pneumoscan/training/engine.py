@@ -39,7 +39,7 @@ from .inputs import SPLIT_FILES, RunData, build_data
 from .loop import class_weights, evaluate, train_one_epoch
 from .optim import make_optimizer, make_scheduler
 from .runtime import resolve_channels_last, resolve_device, resolve_precision, seed_everything
-from .shift import ShiftedValidation
+from .shifted_val import ShiftedValidation
 
 log = logging.getLogger(__name__)
 

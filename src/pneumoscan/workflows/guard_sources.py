@@ -265,7 +265,7 @@ def chest_items(
             continue
         for k in range(aug_per_image):
             fam = families[(n_fit * aug_per_image + k) % len(families)]
-            items.append(Item(1, "cxr_fit_transformed", "fit", str(p), transform_loader(p, fam, seed * 1_000_003 + i * 17 + k, FIT)))
+            items.append(Item(1, f"cxr_fit_{fam}", "fit", str(p), transform_loader(p, fam, seed * 1_000_003 + i * 17 + k, FIT)))
         n_fit += 1
     order = np.random.default_rng(700_000_000 + seed).permutation(len(heldout))
     for j, idx in enumerate(order[: per_family * len(families)]):

@@ -1,0 +1,202 @@
+"""The decoding worker process of :mod:`pneumoscan.data.decode_pool`, and the messages both
+sides exchange.
+
+A message is a fixed-size frame (header length, payload length), a JSON header and raw bytes:
+the file going in, the float32 pixels coming back. Nothing is unpickled on either side. For
+each task the worker caps its own address space at its current size plus the task's
+``max_memory``, and its CPU time at what it has used plus just over the task's time limit (a
+backstop should the caller die; the caller kills it at the wall-clock deadline).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import socket
+import struct
+import time
+from typing import Any, Iterator
+
+import numpy as np
+
+from ..errors import ImageReadError
+from .io import decode_image
+from .limits import MAX_FILE_BYTES
+
+#: A worker holding more resident memory than this after a decode is replaced.
+RETIRE_RSS_BYTES = 256 << 20
+#: Largest JSON header either side may send (metadata is a few hundred bytes).
+MAX_HEADER_BYTES = 1 << 20
+#: Header length (bytes), payload length (bytes).
+_FRAME = struct.Struct("!IQ")
+
+
+__all__ = ["MAX_HEADER_BYTES", "RETIRE_RSS_BYTES", "ProtocolError", "recv_header", "recv_into", "send", "serve"]
+
+
+class ProtocolError(Exception):
+    """The other side broke the protocol (a header too long or not JSON)."""
+
+
+def _arm(sock: socket.socket, deadline: float | None) -> None:
+    """Give the next socket operation what is left until ``deadline`` (``None``: no limit)."""
+    if deadline is None:
+        return
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise socket.timeout
+    sock.settimeout(left if math.isfinite(left) else None)
+
+
+def send(sock: socket.socket, header: dict[str, Any], payload: Any = b"", deadline: float | None = None) -> None:
+    """Send one message.
+
+    Args:
+        sock: a connected stream socket.
+        header: the JSON header.
+        payload: raw bytes (bytes, or a byte memoryview).
+        deadline: ``time.monotonic()`` by which it must be sent (``socket.timeout`` after),
+            ``None`` for no limit.
+    """
+    head = json.dumps(header, default=str).encode("utf-8")
+    _arm(sock, deadline)
+    sock.sendall(_FRAME.pack(len(head), len(payload)) + head)
+    if len(payload):
+        _arm(sock, deadline)
+        sock.sendall(payload)
+
+
+def recv_into(sock: socket.socket, view: memoryview, deadline: float | None) -> None:
+    """Fill ``view`` from the socket.
+
+    Args:
+        sock: a connected stream socket.
+        view: a writable byte memoryview.
+        deadline: as for :func:`send`.
+
+    Raises:
+        EOFError: the other side closed first.
+    """
+    got = 0
+    while got < len(view):
+        _arm(sock, deadline)
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            raise EOFError
+        got += n
+
+
+def recv_header(sock: socket.socket, deadline: float | None) -> tuple[Any, int]:
+    """The JSON header of the next message and the length of its payload (still to be read
+    with :func:`recv_into`).
+
+    Args:
+        sock: a connected stream socket.
+        deadline: as for :func:`send`.
+
+    Raises:
+        ProtocolError: a header over :data:`MAX_HEADER_BYTES` or not JSON.
+    """
+    frame = bytearray(_FRAME.size)
+    recv_into(sock, memoryview(frame), deadline)
+    head_len, payload_len = _FRAME.unpack(frame)
+    if head_len > MAX_HEADER_BYTES:
+        raise ProtocolError
+    head = bytearray(head_len)
+    recv_into(sock, memoryview(head), deadline)
+    try:
+        return json.loads(head), payload_len
+    except ValueError as e:
+        raise ProtocolError from e
+
+
+def _statm(field: int) -> int | None:  # pragma: no cover - runs in the worker
+    """Field ``field`` of /proc/self/statm in bytes (0: address space, 1: resident), else ``None``."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as fh:
+            return int(fh.read().split()[field]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+@contextlib.contextmanager
+def _task_limits(timeout_s: float, max_memory: int) -> Iterator[None]:  # pragma: no cover - runs in the worker
+    """Cap this worker for one task: address space at its current size plus ``max_memory``,
+    CPU time at what it has used plus just over ``timeout_s``; the previous limits after."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        yield
+        return
+    saved = {lim: resource.getrlimit(lim) for lim in (resource.RLIMIT_AS, resource.RLIMIT_CPU)}
+    wanted = {}
+    if math.isfinite(timeout_s):
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        wanted[resource.RLIMIT_CPU] = int(math.ceil(usage.ru_utime + usage.ru_stime + timeout_s)) + 1
+    current = _statm(0)
+    if current is not None:
+        wanted[resource.RLIMIT_AS] = current + int(max_memory)
+    for lim, soft in wanted.items():
+        hard = saved[lim][1]
+        with contextlib.suppress(ValueError, OSError):  # a lower hard limit already applies
+            resource.setrlimit(lim, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
+    try:
+        yield
+    finally:
+        for lim, value in saved.items():
+            with contextlib.suppress(ValueError, OSError):
+                resource.setrlimit(lim, value)
+
+
+def _decode_task(task: dict[str, Any], data: bytes) -> tuple[dict[str, Any], np.ndarray | None]:  # pragma: no cover - worker
+    """Decode one file: the answer header (``ok``, ``shape``, ``meta``; or ``error``, the
+    exception's class name, and ``reason``; ``retire`` when this worker should be replaced)
+    and the float32 pixels."""
+    name = str(task["name"])
+    with _task_limits(float(task["timeout_s"]), int(task["max_memory"])):
+        try:
+            arr, meta = decode_image(data, name, max_side=task["max_side"], formats=task["formats"])
+            arr = np.ascontiguousarray(arr, dtype=np.float32)
+            answer: dict[str, Any] = {"ok": True, "shape": list(arr.shape), "meta": meta}
+        except ImageReadError as e:
+            return {"ok": False, "error": type(e).__name__, "reason": e.reason}, None
+        except MemoryError:
+            mb = max(1, round(int(task["max_memory"]) / (1 << 20)))
+            return {"ok": False, "error": "ImageTooLargeError", "reason": f"image too large to decode in memory (limit {mb} MB)",
+                    "retire": True}, None
+        except Exception as e:  # noqa: BLE001 - a decoder bug: one line for the caller, not a traceback
+            return {"ok": False, "error": "ImageReadError", "reason": f"cannot decode image ({type(e).__name__})", "retire": True}, None
+    answer["retire"] = (_statm(1) or 0) > RETIRE_RSS_BYTES
+    return answer, arr
+
+
+def serve(sock: socket.socket) -> None:  # pragma: no cover - runs in the worker
+    """The worker process: say ready, then answer one task at a time (header: ``name``,
+    ``max_side``, ``formats``, ``timeout_s``, ``max_memory``; payload: the file) until the
+    caller closes the socket, or after an answer that says this worker retires.
+
+    Args:
+        sock: the worker's end of a socket pair.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the caller's to handle
+    sock.settimeout(None)
+    send(sock, {"ready": True})
+    while True:
+        try:
+            task, size = recv_header(sock, None)
+            if size > MAX_FILE_BYTES:
+                return
+            buf = bytearray(size)
+            recv_into(sock, memoryview(buf), None)
+        except (EOFError, OSError, ProtocolError):
+            return
+        data = bytes(buf)
+        del buf
+        answer, arr = _decode_task(task, data)
+        del data
+        send(sock, answer, b"" if arr is None else memoryview(arr).cast("B"))
+        del arr
+        if answer.get("retire"):
+            return
