@@ -64,7 +64,7 @@ def test_help_lists_every_command_in_order_each_from_its_cli_module() -> None:
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))  # noqa: SLF001
     assert list(sub.choices) == [
         "models", "data", "train", "weights", "serve", "evaluate", "calibrate", "compare", "reproduce", "benchmark",
-        "predict", "export", "guard",
+        "predict", "export", "guard", "ensemble",
     ]
 
     def actions(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

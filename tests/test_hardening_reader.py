@@ -4,6 +4,7 @@ stopped, bounded peak memory, the content (not the name) choosing the decoder, E
 orientation, multi-frame DICOM, and sanitised text. Every input is generated here, small."""
 from __future__ import annotations
 
+import concurrent.futures
 import io
 import json
 import struct
@@ -11,12 +12,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pydicom
 import pytest
 from PIL import Image, ImageOps
 
+from pneumoscan.data.decode_pool import DecodePool, _parse_answer, default_pool, shutdown_decode_pool
+from pneumoscan.data.decode_worker import ProtocolError
 from pneumoscan.data.formats import jpeg_info, sniff_format
 from pneumoscan.data.io import read_image, read_image_with_meta
 from pneumoscan.data.isolated import decode_isolated
@@ -301,6 +305,128 @@ def test_decode_isolated_stops_at_the_deadline(rgba_png: Path) -> None:
 def test_decode_isolated_memory_limit(rgba_png: Path) -> None:
     with pytest.raises(ImageTooLargeError, match="rgba.png: image too large to decode"):
         decode_isolated(rgba_png, max_side=224, max_memory=16 << 20)
+
+
+@pytest.fixture()
+def fresh_pool() -> Iterator[DecodePool]:
+    """The process-wide decoding pool, restarted empty for the test and stopped after it."""
+    shutdown_decode_pool()
+    yield default_pool()
+    shutdown_decode_pool()
+
+
+def _gone(pid: int, within_s: float = 5.0) -> bool:
+    """Whether process ``pid`` has ended and been reaped (no /proc entry) within ``within_s``."""
+    deadline = time.monotonic() + within_s
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return not Path(f"/proc/{pid}").exists()
+
+
+def test_decode_pool_reuses_its_worker(fresh_pool: DecodePool, fixtures_dir: Path) -> None:
+    f = fixtures_dir / "fullres" / "NORMAL2-IM-1438-0001.jpeg"
+    decode_isolated(f, max_side=224)
+    pids = fresh_pool.pids()
+    assert len(pids) == 1
+    for _ in range(5):  # errors too leave the worker in place
+        decode_isolated(f, max_side=224)
+        with pytest.raises(UnsupportedFormatError):
+            decode_isolated(b"not an image", "x.jpg")
+    assert fresh_pool.pids() == pids
+
+
+@pytest.mark.skipif(not Path("/proc/self").exists(), reason="needs /proc")
+def test_decode_timeout_kills_and_replaces_the_worker(fresh_pool: DecodePool, rgba_png: Path, fixtures_dir: Path) -> None:
+    decode_isolated(rgba_png, max_side=224)
+    (slow_pid,) = fresh_pool.pids()
+    t0 = time.perf_counter()
+    with pytest.raises(ImageReadError, match="took longer than 0.05 s"):
+        decode_isolated(rgba_png, "slow.png", max_side=224, timeout_s=0.05)
+    assert time.perf_counter() - t0 < 5.0
+    assert fresh_pool.pids() == [] and _gone(slow_pid)  # killed and reaped: no CPU spent on it afterwards
+    f = fixtures_dir / "fullres" / "NORMAL2-IM-1438-0001.jpeg"
+    np.testing.assert_array_equal(decode_isolated(f, max_side=224)[0], read_image(f, max_side=224))
+    assert len(fresh_pool.pids()) == 1 and fresh_pool.pids() != [slow_pid]
+
+
+def test_decode_memory_breach_is_one_line_and_the_pool_goes_on(fresh_pool: DecodePool, rgba_png: Path, fixtures_dir: Path) -> None:
+    with pytest.raises(ImageTooLargeError) as ei:
+        decode_isolated(rgba_png, max_side=224, max_memory=16 << 20)
+    assert str(ei.value) == f"{rgba_png}: image too large to decode in memory (limit 16 MB)"
+    dcm = fixtures_dir / "dicom" / "ct.dcm"
+    np.testing.assert_array_equal(decode_isolated(dcm)[0], read_image(dcm))
+    assert min(decode_isolated(rgba_png, max_side=224)[0].shape) >= 224  # within the default limit: decoded
+
+
+def test_decode_isolated_from_8_threads_matches_in_process(fresh_pool: DecodePool, fixtures_dir: Path) -> None:
+    files = sorted((fixtures_dir / "xray").rglob("*.jpeg")) + sorted((fixtures_dir / "fullres").glob("*.jpeg"))
+    files += sorted((fixtures_dir / "dicom").glob("*.dcm"))
+    jobs = [(f, side) for f in files for side in (224, None)]
+
+    def both(job: tuple[Path, int | None]) -> tuple[object, object]:
+        f, side = job
+        out = []
+        for read in (decode_isolated, read_image_with_meta):
+            try:
+                out.append(read(f, max_side=side))
+            except ImageReadError as e:
+                out.append((type(e), str(e)))
+        return out[0], out[1]
+
+    with concurrent.futures.ThreadPoolExecutor(8) as ex:
+        results = list(ex.map(both, jobs))
+    decoded = 0
+    for (f, side), (iso, ref) in zip(jobs, results):
+        if isinstance(ref[0], type):  # an unreadable file: the same error
+            assert iso == ref, f
+            continue
+        np.testing.assert_array_equal(iso[0], ref[0], err_msg=f"{f} {side}")
+        assert iso[1] == ref[1] and iso[0].dtype == np.float32
+        decoded += 1
+    assert decoded >= 80 and 1 <= len(fresh_pool.pids()) <= fresh_pool.size
+
+
+def test_decode_answers_are_checked() -> None:
+    """What a subverted worker might send back is refused, never trusted."""
+    good = {"ok": True, "shape": [2, 3], "meta": {"format": "PNG", "original_size": [3, 2]}}
+    assert _parse_answer(good, 24, "x") == ((2, 3), {"format": "PNG", "original_size": (3, 2)})
+    for msg, size in ((good, 25), ({**good, "shape": [100_000, 100_000]}, 4 * 10**10), ({**good, "shape": [0, 3]}, 0),
+                      ({**good, "shape": "2x3"}, 24), ([1, 2], 0), ({"ok": False, "error": "ImageReadError"}, 8), ({}, 0)):
+        with pytest.raises(ProtocolError):
+            _parse_answer(msg, size, "x")
+    with pytest.raises(UnsupportedFormatError, match=r"^x: evil\\x0aline$"):
+        _parse_answer({"ok": False, "error": "UnsupportedFormatError", "reason": "evil\nline"}, 0, "x")
+    with pytest.raises(ImageReadError, match="^x: odd$") as ei:  # an unknown class name: the base class
+        _parse_answer({"ok": False, "error": "SystemExit", "reason": "odd"}, 0, "x")
+    assert type(ei.value) is ImageReadError
+
+
+_EXIT = """
+import json, sys
+from pneumoscan.data.decode_pool import default_pool
+from pneumoscan.data.isolated import decode_isolated
+from concurrent.futures import ThreadPoolExecutor
+if __name__ == "__main__":
+    with ThreadPoolExecutor(4) as ex:
+        list(ex.map(lambda _: decode_isolated(sys.argv[1], max_side=224), range(8)))
+    print(json.dumps(default_pool().pids()))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self").exists(), reason="needs /proc")
+def test_no_decoding_process_outlives_shutdown_or_exit(fresh_pool: DecodePool, fixtures_dir: Path) -> None:
+    f = fixtures_dir / "fullres" / "NORMAL2-IM-1438-0001.jpeg"
+    with concurrent.futures.ThreadPoolExecutor(4) as ex:
+        list(ex.map(lambda _: decode_isolated(f, max_side=224), range(8)))
+    pids = fresh_pool.pids()
+    assert pids
+    shutdown_decode_pool()
+    assert all(_gone(pid) for pid in pids)
+    # a script that just exits: the pool is stopped at interpreter exit
+    res = subprocess.run([sys.executable, "-c", _EXIT, str(f)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    child_pids = json.loads(res.stdout)
+    assert child_pids and all(_gone(pid) for pid in child_pids) and "Traceback" not in res.stderr
 
 
 # --------------------------------------------------------------------------- peak memory

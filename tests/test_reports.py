@@ -78,7 +78,7 @@ def test_predictions_agree_with_the_predictor_and_the_metrics(report_dir: Path, 
     from pneumoscan.inference import load_predictor
 
     rows = list(csv.DictReader((report_dir / "predictions.csv").open()))
-    assert [k for k in rows[0]] == ["path", "true_label", "probability", "predicted_label", "error"]
+    assert [k for k in rows[0]] == ["path", "true_label", "probability", "predicted_label", "error", "shift_score", "warnings"]
     assert len(rows) == 8
     pred = load_predictor(tiny_run, backend="torch", guard=False)  # as evaluate predicts: every image, PyTorch
     direct = {p.path: p for p in pred.predict_paths([r["path"] for r in rows])}

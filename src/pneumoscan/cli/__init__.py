@@ -28,7 +28,7 @@ log = logging.getLogger("pneumoscan")
 
 #: Modules whose ``register(subparsers)`` adds sub-commands, in help order.
 COMMAND_MODULES: tuple[str, ...] = (
-    "models", "data", "train", "weights", "serve", "evaluate", "bench", "predict", "export", "guard",
+    "models", "data", "train", "weights", "serve", "evaluate", "bench", "predict", "export", "guard", "ensemble",
 )
 
 EXIT_ERROR, EXIT_USAGE = 1, 2

@@ -50,11 +50,22 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- calibrate
 def _cmd_calibrate(args: argparse.Namespace) -> int:
+    if args.data:
+        return _calibrate_on_data(args)
     from ..core.calibration import calibration_summary
     from ..evaluation.recalibrate import recalibrate_file
 
+    if not args.checkpoint:
+        raise ConfigError("calibrate needs --checkpoint CKPT (its stored validation logits), or --data DIR (a site's labelled images)")
+    refit = None
+    if args.refit_shift:
+        from ..workflows.shift_fit import refit_bundle
+
+        def refit(b: Any) -> Any:
+            return refit_bundle(b, batch_size=args.batch_size, device=args.device)
+
     old, new = recalibrate_file(args.checkpoint, args.out, method=args.method, target_sensitivity=args.target,
-                                refit_temperature=not args.keep_temperature, in_place=args.in_place)
+                                refit_temperature=not args.keep_temperature, in_place=args.in_place, refit=refit)
     cal = calibration_summary(new.provenance["val_logits"], new.provenance["val_labels"], new.temperature)
     vm = new.val_metrics
     print(f"threshold {old.threshold:.4f} ({old.threshold_method}) -> {new.threshold:.4f} ({args.method}"
@@ -63,6 +74,40 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
           f"{cal['ece_before']:.4f} at T=1 -> {cal['ece_after']:.4f}")
     print(f"validation (n={vm['n']}): sensitivity {vm['sensitivity']:.3f}, specificity {vm['specificity']:.3f}, "
           f"accuracy {vm['accuracy']:.3f}, ROC-AUC {vm['roc_auc']:.4f}")
+    if args.refit_shift:
+        _print_shift(new.provenance["shift"]["stats"], new.provenance["shift"]["threshold"], "validation")
+    print(f"written: {new.path}")
+    return 0
+
+
+def _print_shift(stats: dict[str, Any], threshold: float, held: str) -> None:
+    print(f"shift detector refitted on {stats['n_train']} images: threshold {threshold:.2f} ({stats['rule']}); "
+          f"{100 * stats['val_flag_rate']:.1f} % of {stats['n_val']} {held} images flagged")
+
+
+def _calibrate_on_data(args: argparse.Namespace) -> int:
+    from ..core.metrics import format_value
+    from ..evaluation.recalibrate import site_calibrate_file
+
+    old, cal = site_calibrate_file(
+        args.checkpoint, args.data, args.out, in_place=args.in_place, split=args.split, columns=args.columns, method=args.method,
+        target_sensitivity=args.target, refit_temperature=not args.keep_temperature, refit_shift=args.refit_shift,
+        n_resamples=args.bootstrap, seed=args.seed, batch_size=args.batch_size, device=args.device,
+    )
+    for w in cal.warnings:
+        log.warning("warning: %s", w)
+    new, d = cal.bundle, cal.data
+    print(f"{old.name} calibrated on {d['n']} images of {d['description']} "
+          f"({', '.join(f'{k} {v}' for k, v in d['n_per_class'].items())}"
+          + (f"; {d['n_unreadable']} unreadable skipped" if d["n_unreadable"] else "") + ")")
+    print(f"threshold {old.threshold:.4f} ({old.threshold_method}) -> {new.threshold:.4f} ({args.method}"
+          + (f", target sensitivity {args.target:.2f}" if args.method == "sensitivity" else "") + ")")
+    print(f"temperature {old.temperature:.4f} -> {new.temperature:.4f}")
+    print(f"{'metric':<13}{'before':<36}after (fitted on these images: optimistic)")
+    for k in ("sensitivity", "specificity", "accuracy", "precision", "npv", "roc_auc", "ece"):
+        print(f"{k:<13}{format_value(cal.before.get(k)):<36}{format_value(cal.after.get(k))}")
+    if cal.shift is not None:
+        _print_shift(cal.shift, cal.shift["threshold"], "held-out")
     print(f"written: {new.path}")
     return 0
 
@@ -167,16 +212,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_evaluate)
 
     p = subparsers.add_parser(
-        "calibrate", help="re-derive threshold and temperature from a checkpoint's stored validation logits",
-        description="Refit temperature scaling and choose a new operating threshold on the validation logits stored in a "
-                    "checkpoint, without retraining. Writes --out NEW.pt, or updates the checkpoint with --in-place.",
+        "calibrate", help="re-derive threshold and temperature from stored validation logits or a site's labelled images",
+        description="Refit temperature scaling and choose a new operating threshold without retraining: on the validation "
+                    "logits stored in a checkpoint, or with --data on a site's own labelled images (before/after metrics "
+                    "with 95% intervals; what it was calibrated on is recorded in the bundle and its model card). Writes "
+                    "--out NEW.pt (the input is never overwritten), or updates the checkpoint with --in-place.",
     )
-    p.add_argument("--checkpoint", required=True, help="checkpoint .pt or run directory")
+    p.add_argument("--checkpoint", help="checkpoint .pt or run directory (with --data: default the shipped default model)")
+    p.add_argument("--data", help="a site's labelled images: dataset ROOT (uses ROOT/<split>), a folder holding NORMAL/ and "
+                                  "PNEUMONIA/, or a CSV manifest (as evaluate)")
+    p.add_argument("--split", help="with --data: split folder of ROOT (default test) or a manifest's split (default: every row)")
     p.add_argument("--method", choices=["youden", "sensitivity", "f1"], default="youden")
     p.add_argument("--target", type=float, default=0.95, help="target sensitivity for --method sensitivity (default 0.95)")
     p.add_argument("--keep-temperature", action="store_true", help="keep the stored temperature")
-    p.add_argument("--out", help="new checkpoint file (or run directory: its best.pt)")
+    p.add_argument("--refit-shift", action="store_true",
+                   help="also refit the distribution-shift detector: on --data, else on the run's training/validation split")
+    p.add_argument("--out", help="new checkpoint file (or directory: its best.pt)")
     p.add_argument("--in-place", action="store_true", help="overwrite the checkpoint (and its run's model card) instead of --out")
+    _common(p)
     p.set_defaults(func=_cmd_calibrate)
 
     p = subparsers.add_parser(

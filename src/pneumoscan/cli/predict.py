@@ -125,6 +125,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if not entries:
         raise ConfigError("nothing to predict: give image files, folders or glob patterns (or --samples)")
     paths = [p for p, why in entries if why is None]
+    if args.decode_timeout and paths:
+        from ..data.isolated import start_decoders
+
+        start_decoders()  # the decoding workers start while the model loads
     predictor = _build_predictor(args)
     heat_dir = Path(args.heatmap) if args.heatmap else None
     heat_names = heatmap_names(paths) if heat_dir is not None else {}
@@ -154,6 +158,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         writer.row(pred)
         if pred.error is not None and args.format != "table":
             log.error("%s: %s", pred.path, pred.error)
+        if args.format == "table":  # JSON and CSV carry them in the row
+            for w in pred.warnings:
+                log.warning("warning: %s: %s", pred.path, w)
         bar.update(1)
 
     heat_failures: list[str] = []

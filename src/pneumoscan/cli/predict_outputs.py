@@ -64,10 +64,11 @@ def _naming_stream(stream: TextIO) -> Iterator[None]:
 
 
 class _Writer:
-    """Prints predictions as a table, JSON lines (each with ``schema_version``) or CSV."""
+    """Prints predictions as a table (a ``!`` in the last column marks an answer with warnings),
+    JSON lines (each with ``schema_version``) or CSV (``warnings`` joined with ``"; "``)."""
 
     CSV_FIELDS = ("path", "probability", "label", "threshold", "model", "weights", "guard_score", "status", "reason", "heatmap_file",
-                  *DICOM_IDENTIFIERS, "dicom_output")
+                  *DICOM_IDENTIFIERS, "dicom_output", "shift_score", "warnings")
 
     def __init__(self, fmt: str, stream: TextIO, path_width: int, bar: Any = None, heatmaps: bool = False) -> None:
         self.fmt = fmt
@@ -91,7 +92,7 @@ class _Writer:
 
     def header(self) -> None:
         if self.fmt == "table":
-            self._emit(f"{'path':<{self.width}}  {'probability':>11}  label" + ("      heatmap" if self.heatmaps else ""))
+            self._emit(f"{'path':<{self.width}}  {'probability':>11}  label" + ("      heatmap" if self.heatmaps else "") + "      warn")
         elif self.csv is not None:
             self._csv_row(list(self.CSV_FIELDS))
 
@@ -100,11 +101,12 @@ class _Writer:
             self._emit(json.dumps({"schema_version": JSON_SCHEMA_VERSION, **p.to_dict()}))
         elif self.csv is not None:
             prob = "" if p.probability is None else f"{p.probability:.6f}"
-            score = p.extra.get("guard_score", "")
+            score, shift = p.extra.get("guard_score", ""), p.extra.get("shift_score", "")
             self._csv_row([
                 csv_cell(p.path), prob, csv_cell(p.label), f"{p.threshold:.6f}", csv_cell(p.model), csv_cell(p.extra.get("weights")),
                 score if isinstance(score, (int, float)) else csv_cell(score), p.status, csv_cell(p.error or p.refused),
                 csv_cell(p.extra.get("heatmap_file")), *(csv_cell(p.extra.get(k)) for k in (*DICOM_IDENTIFIERS, "dicom_output")),
+                shift if isinstance(shift, (int, float)) else csv_cell(shift), csv_cell("; ".join(p.warnings)),
             ])
         else:
             path = safe_text(p.path, CELL_LIMIT)
@@ -118,6 +120,8 @@ class _Writer:
                 tail = f"{p.probability:>11.3f}  {p.label}"
                 if self.heatmaps:
                     tail = f"{tail:<22}  {safe_text(p.extra.get('heatmap_file') or '-', CELL_LIMIT)}"
+                if p.warnings:
+                    tail = f"{tail:<22}  !"
             self._emit(f"{path:<{self.width}}  {tail}")
 
 

@@ -20,6 +20,7 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import select
 import signal
 import socket
 import threading
@@ -86,6 +87,13 @@ def _parse_answer(msg: Any, payload_len: int, name: str) -> tuple[tuple[int, int
     if isinstance(meta.get("original_size"), list):
         meta["original_size"] = tuple(meta["original_size"])
     return (h, w), meta
+
+
+def _has_input(sock: socket.socket) -> bool:
+    """Whether an idle worker's socket is readable: it has closed (died) or sent unasked data."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def _died(name: str, exitcode: int | None, timeout_s: float) -> ImageReadError:
@@ -226,16 +234,20 @@ class DecodePool:
 
     def _acquire(self, name: str) -> _Worker:
         """An idle worker, else a new one while there are fewer than :attr:`size`, else the next freed."""
-        with self._cond:
-            while True:
+        while True:
+            with self._cond:
+                while not self._idle and not self._room() and not self._closed:
+                    self._cond.wait()
                 if self._closed:
                     raise ImageReadError(name, "the decoding workers are shut down")
-                if self._idle:
-                    return self._idle.pop()
-                if self._room():
+                if not self._idle:
                     self._starting += 1
                     break
-                self._cond.wait()
+                worker = self._idle.pop()
+            if not _has_input(worker.sock):
+                return worker
+            worker.reusable = False  # it died while idle (or spoke unasked): replaced
+            self._release(worker)
         return self._add(name, idle=False)
 
     def _add(self, name: str, *, idle: bool) -> _Worker:

@@ -155,16 +155,18 @@ def _decode_task(task: dict[str, Any], data: bytes) -> tuple[dict[str, Any], np.
     exception's class name, and ``reason``; ``retire`` when this worker should be replaced)
     and the float32 pixels."""
     name = str(task["name"])
+    limit = f"(limit {max(1, round(int(task['max_memory']) / (1 << 20)))} MB)"
     with _task_limits(float(task["timeout_s"]), int(task["max_memory"])):
         try:
             arr, meta = decode_image(data, name, max_side=task["max_side"], formats=task["formats"])
             arr = np.ascontiguousarray(arr, dtype=np.float32)
             answer: dict[str, Any] = {"ok": True, "shape": list(arr.shape), "meta": meta}
-        except ImageReadError as e:
-            return {"ok": False, "error": type(e).__name__, "reason": e.reason}, None
+        except ImageReadError as e:  # the readers turn an allocation failure into ImageTooLargeError
+            oom = isinstance(e.__cause__, MemoryError)
+            return {"ok": False, "error": type(e).__name__, "reason": f"{e.reason} {limit}" if oom else e.reason,
+                    "retire": oom}, None
         except MemoryError:
-            mb = max(1, round(int(task["max_memory"]) / (1 << 20)))
-            return {"ok": False, "error": "ImageTooLargeError", "reason": f"image too large to decode in memory (limit {mb} MB)",
+            return {"ok": False, "error": "ImageTooLargeError", "reason": f"image too large to decode in memory {limit}",
                     "retire": True}, None
         except Exception as e:  # noqa: BLE001 - a decoder bug: one line for the caller, not a traceback
             return {"ok": False, "error": "ImageReadError", "reason": f"cannot decode image ({type(e).__name__})", "retire": True}, None
@@ -175,28 +177,26 @@ def _decode_task(task: dict[str, Any], data: bytes) -> tuple[dict[str, Any], np.
 def serve(sock: socket.socket) -> None:  # pragma: no cover - runs in the worker
     """The worker process: say ready, then answer one task at a time (header: ``name``,
     ``max_side``, ``formats``, ``timeout_s``, ``max_memory``; payload: the file) until the
-    caller closes the socket, or after an answer that says this worker retires.
+    caller closes the socket (or has gone), or after an answer that says this worker retires.
 
     Args:
         sock: the worker's end of a socket pair.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the caller's to handle
     sock.settimeout(None)
-    send(sock, {"ready": True})
-    while True:
-        try:
+    with contextlib.suppress(EOFError, OSError, ProtocolError):  # the caller has gone: end quietly
+        send(sock, {"ready": True})
+        while True:
             task, size = recv_header(sock, None)
             if size > MAX_FILE_BYTES:
                 return
             buf = bytearray(size)
             recv_into(sock, memoryview(buf), None)
-        except (EOFError, OSError, ProtocolError):
-            return
-        data = bytes(buf)
-        del buf
-        answer, arr = _decode_task(task, data)
-        del data
-        send(sock, answer, b"" if arr is None else memoryview(arr).cast("B"))
-        del arr
-        if answer.get("retire"):
-            return
+            data = bytes(buf)
+            del buf
+            answer, arr = _decode_task(task, data)
+            del data
+            send(sock, answer, b"" if arr is None else memoryview(arr).cast("B"))
+            del arr
+            if answer.get("retire"):
+                return

@@ -8,7 +8,8 @@ Files written (each atomically):
   threshold table (sensitivity, specificity, PPV, NPV at 0.1 … 0.9, the stored threshold and
   the thresholds reaching sensitivity 0.90/0.95/0.98 on these data); calibration before/after
   temperature scaling;
-- ``predictions.csv`` — ``path, true_label, probability, predicted_label, error``;
+- ``predictions.csv`` — ``path, true_label, probability, predicted_label, error, shift_score,
+  warnings`` (a flagged image's warning: unlike the images the model was validated on);
 - ``confusion_matrix.png``, ``roc.png`` (operating point, 0.5 and the table's thresholds
   marked), ``pr.png``, ``reliability.png``, ``errors.png`` (only when there are errors; with
   Grad-CAM maps) and ``training_curves.png`` (when the bundle carries its training history),
@@ -40,7 +41,7 @@ from ..core.metrics import DEFAULT_RESAMPLES, bootstrap_metrics, expected_calibr
 from ..data.datasets import Sample, load_samples, read_manifest
 from ..errors import DataError, PneumoscanError
 from ..utils.io import atomic_write_text
-from .summaries import candidate_thresholds, interval_summary, most_confident_errors, threshold_row
+from .summaries import HIGH_SHIFT_SHARE, candidate_thresholds, interval_summary, most_confident_errors, threshold_row
 
 if TYPE_CHECKING:
     from ..inference import Predictor
@@ -174,7 +175,7 @@ def predict_samples(predictor: Predictor, samples: Sequence[Sample]) -> tuple[li
 
     Returns:
         One dict per sample (``path``, ``true_label``, ``label``, ``probability``,
-        ``predicted_label``, ``error``) and the elapsed seconds.
+        ``predicted_label``, ``error``, ``shift_score``, ``warnings``) and the elapsed seconds.
     """
     t0 = time.perf_counter()
     preds = list(predictor.predict_paths([s.path for s in samples]))
@@ -183,9 +184,30 @@ def predict_samples(predictor: Predictor, samples: Sequence[Sample]) -> tuple[li
     for s, pr in zip(samples, preds, strict=True):
         rows.append({
             "path": s.path, "true_label": CLASS_NAMES[s.label], "label": s.label, "probability": pr.probability,
-            "predicted_label": pr.label, "error": pr.error,
+            "predicted_label": pr.label, "error": pr.error, "shift_score": pr.extra.get("shift_score"), "warnings": list(pr.warnings),
         })
     return rows, elapsed
+
+
+def shift_summary(predictor: Predictor, rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """How many predicted images the distribution-shift check flagged (``None`` when the
+    predictor has no check: :mod:`pneumoscan.inference.shift`).
+
+    Args:
+        predictor: the predictor that scored them.
+        rows: rows of :func:`predict_samples` (those with a probability).
+
+    Returns:
+        ``threshold``, ``n_scored``, ``n_flagged``, ``share``, ``validation_share`` (the share of
+        the model's own validation images flagged) and ``population``.
+    """
+    if predictor.shift is None:
+        return None
+    det = predictor.shift.detector
+    scored = [r["shift_score"] for r in rows if r.get("shift_score") is not None]
+    flagged = sum(1 for s in scored if s > det.threshold)
+    return {"threshold": det.threshold, "n_scored": len(scored), "n_flagged": flagged, "share": flagged / len(scored) if scored else None,
+            "validation_share": det.stats.get("val_flag_rate"), "population": det.population}
 
 
 def write_predictions_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
@@ -197,10 +219,11 @@ def write_predictions_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
     """
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["path", "true_label", "probability", "predicted_label", "error"])
+    w.writerow(["path", "true_label", "probability", "predicted_label", "error", "shift_score", "warnings"])
     for r in rows:
         prob = "" if r["probability"] is None else f"{r['probability']:.6f}"
-        w.writerow([r["path"], r["true_label"], prob, r["predicted_label"] or "", r["error"] or ""])
+        shift = "" if r.get("shift_score") is None else f"{r['shift_score']:.3f}"
+        w.writerow([r["path"], r["true_label"], prob, r["predicted_label"] or "", r["error"] or "", shift, "; ".join(r.get("warnings") or [])])
     atomic_write_text(path, buf.getvalue())
 
 
@@ -351,10 +374,14 @@ def evaluate_model(
         "threshold_table": table,
         "bootstrap": interval_summary(sections["at_operating_threshold"], n_resamples, seed),
         "training_overlap": overlap,
+        "shift": shift_summary(predictor, ok),
         "inference": {"seconds": elapsed, "images_per_s": len(rows) / max(elapsed, 1e-9), "device": device, "batch_size": batch_size},
         "generated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "pneumoscan_version": __version__,
     }
+    if report["shift"] and (report["shift"]["share"] or 0) > HIGH_SHIFT_SHARE:
+        log.warning("warning: %d of %d images (%.0f %%) are unlike the images the model was validated on",
+                    report["shift"]["n_flagged"], report["shift"]["n_scored"], 100 * report["shift"]["share"])
     out.mkdir(parents=True, exist_ok=True)
     write_json(report, out / "metrics.json")
     write_predictions_csv(rows, out / "predictions.csv")

@@ -169,7 +169,18 @@ def render_model_card(
             _section(val["metrics"]["at_0.5"], "At threshold 0.5"),
         ]},
         ece_bins=DEFAULT_ECE_BINS, config_yaml=yaml.safe_dump(_portable(cfg, run_dir), sort_keys=False, allow_unicode=True),
+        site=_site(bundle), shift=bundle.provenance.get("shift"),
     )
+
+
+def _site(bundle: ModelBundle) -> dict[str, Any] | None:
+    """What a site calibration (``pneumoscan calibrate --data``) recorded, with a portable name."""
+    cal = bundle.provenance.get("calibration") or {}
+    data = cal.get("data")
+    if not data:
+        return None
+    return {**data, "name": strip_paths(Path(str(data["description"]).split(" (split ")[0]).name), "date": cal.get("date"),
+            "previous": cal.get("previous") or {}}
 
 
 def _portable(value: Any, run_dir: str | Path | None) -> Any:

@@ -19,7 +19,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescap
 
 from ..core.intervals import CI_METHODS
 from ..core.metrics import METRIC_KEYS, METRIC_LABELS, format_value
-from .summaries import TABLE_METRICS
+from .summaries import HIGH_SHIFT_SHARE, TABLE_METRICS
 
 #: Columns of the model table of a comparison.
 COMPARE_METRICS = ("roc_auc", "pr_auc", "sensitivity", "specificity", "accuracy", "precision", "f1", "brier", "ece")
@@ -151,12 +151,19 @@ def _methods(a: dict[str, Any] | None, b: dict[str, Any] | None) -> str:
 
 
 def _intro_lines(r: dict[str, Any]) -> list[str]:
-    op, b = r["at_operating_threshold"], r["bootstrap"]
+    op, b, sh = r["at_operating_threshold"], r["bootstrap"], r.get("shift")
     return [
         f"{op['n']} images evaluated (NORMAL {op['n_per_class']['NORMAL']}, PNEUMONIA {op['n_per_class']['PNEUMONIA']})"
         + (f"; {r['n_unreadable']} unreadable file(s) skipped" if r["n_unreadable"] else "") + ".",
         f"95% confidence intervals by metric — {b['method']} Each figure's n is its denominator.",
-    ]
+    ] + ([_shift_line(sh)] if sh and sh["n_scored"] else [])
+
+
+def _shift_line(sh: dict[str, Any]) -> str:
+    """How many images the distribution-shift check flagged, against the model's own validation rate."""
+    val = f" ({100 * sh['validation_share']:.1f} % of the model's own validation images)" if sh.get("validation_share") is not None else ""
+    return (f"Distribution shift: {sh['n_flagged']} of {sh['n_scored']} images ({100 * sh['share']:.1f} %) are unlike the images the "
+            f"model was validated on (shift score > {sh['threshold']:.1f}){val}.")
 
 
 def _warnings(r: dict[str, Any]) -> list[str]:
@@ -171,6 +178,11 @@ def _warnings(r: dict[str, Any]) -> list[str]:
         out += [w for w in sec.get("warnings") or [] if w not in out]
     if r["n_unreadable"]:
         out.append(f"{r['n_unreadable']} file(s) could not be read and are in no figure (listed under Unreadable files).")
+    sh = r.get("shift")
+    if sh and (sh["share"] or 0) > HIGH_SHIFT_SHARE:
+        out.append(f"{100 * sh['share']:.0f} % of these images are unlike the images the model was validated on"
+                   + (f" ({sh['population']})" if sh.get("population") else "") + ": its figures and operating threshold may not "
+                   "hold here; calibrate on this site's images (pneumoscan calibrate --data) and treat its answers with caution.")
     return out
 
 

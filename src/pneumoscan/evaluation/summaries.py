@@ -19,6 +19,8 @@ GRID_THRESHOLDS: tuple[float, ...] = tuple(round(0.1 * k, 1) for k in range(1, 1
 TARGET_SENSITIVITIES: tuple[float, ...] = (0.90, 0.95, 0.98)
 #: The metrics of the threshold table (precision is the PPV).
 TABLE_METRICS: tuple[str, ...] = ("sensitivity", "specificity", "precision", "npv")
+#: A share of images flagged by the distribution-shift check above this is a report warning.
+HIGH_SHIFT_SHARE = 0.20
 
 
 def candidate_thresholds(

@@ -117,21 +117,23 @@ def _zscore(x: np.ndarray) -> np.ndarray:
 
 
 def _pool(x: np.ndarray, n: int) -> np.ndarray:
-    """Mean of ``SIDE / n``-pixel blocks of the ``SIDE``² square: an ``n``² grid."""
-    k = SIDE // n
+    """Means of the blocks of a square image, on an ``n``² grid (``n`` divides its side)."""
+    k = x.shape[0] // n
     return x.reshape(n, k, n, k).mean(axis=(1, 3))
 
 
 def _border_lines(a: np.ndarray, tol: float, coverage: float) -> tuple[int, int]:
     """``(first, end)``: the rows of ``a`` left after dropping uniform rows at the top and at
-    the bottom (rows whose pixels mostly equal the median of the outermost row)."""
+    the bottom (rows whose pixels mostly lie near the most common level of the outermost row)."""
     n = a.shape[0]
     first, end = 0, n
+    k = int(round(tol * 255))
     for edge in (0, n - 1):
-        v = float(np.median(a[edge]))
-        if np.mean(np.abs(a[edge] - v) <= tol) < coverage:
-            continue  # the fast path: no border on this side
-        uniform = np.mean(np.abs(a - v) <= tol, axis=1) >= coverage
+        counts = np.bincount(np.rint(a[edge] * 255).astype(np.intp), minlength=256)
+        mode = int(np.argmax(counts))
+        if counts[max(0, mode - k) : mode + k + 1].sum() < coverage * a.shape[1]:
+            continue  # the usual case: no border on this side
+        uniform = np.count_nonzero(np.abs(a - mode / 255) <= tol, axis=1) >= coverage * a.shape[1]
         if edge == 0:
             first = int(np.argmin(uniform)) if not uniform.all() else n
         else:
@@ -294,10 +296,10 @@ def template_features(thumb: np.ndarray, template: np.ndarray | None) -> dict[st
     return {"template_corr": float(c[0]), "template_corr_flip": _corr(thumb[:, ::-1], template), "template_corr_best": float(c.max())}
 
 
-def _symmetry_best(x: np.ndarray) -> float:
+def _symmetry_best(x32: np.ndarray) -> float:
     """The best left-right mirror correlation of a 32² thumbnail about an axis tilted by up to
     8 degrees or moved by up to 2 pixels."""
-    z = _zscore(_pool(x, 32)).astype(np.float32)
+    z = _zscore(x32).astype(np.float32)
     best = -1.0
     for angle in (-8.0, 0.0, 8.0):
         r = z if angle == 0 else np.asarray(Image.fromarray(z, mode="F").rotate(angle, resample=Image.Resampling.BILINEAR))
@@ -384,9 +386,12 @@ def image_features(
         f["axis_aligned"] = 0.0
 
     # ---------------------------------------------------------------- symmetry and layout
-    z64 = _zscore(_pool(x, 64))
+    p64 = _pool(x, 64)
+    p32 = _pool(p64, 32)
+    p16 = _pool(p32, TEMPLATE)
+    z64 = _zscore(p64)
     f["sym_lr"] = _corr(z64, z64[:, ::-1])
-    f["sym_lr_best"] = _symmetry_best(x)
+    f["sym_lr_best"] = _symmetry_best(p32)
     f["sym_ud"] = _corr(z64, z64[::-1, :])
     z = _zscore(x)
     rows = z.reshape(8, SIDE // 8, SIDE).mean(axis=(1, 2))
@@ -401,10 +406,10 @@ def image_features(
     corners = np.stack([x[:16, :16], x[:16, -16:], x[-16:, :16], x[-16:, -16:]])
     f["corner_mean"] = float(corners.mean())
     f["corner_dark"] = float((corners < 0.05).mean())
-    tz = _zscore(_pool(x, THUMB))
+    tz = _zscore(_pool(p16, THUMB))
     for i, v in enumerate(tz.ravel()):
         f[f"thumb{i:02d}"] = float(v)
-    f.update(template_features(_zscore(_pool(x, TEMPLATE)), template))
+    f.update(template_features(_zscore(p16), template))
 
     # ---------------------------------------------------------------- colour (from the reader)
     f["saturation"] = float(meta.get("saturation", 0.0) or 0.0)

@@ -3,13 +3,15 @@ model's own features (NumPy only at prediction time).
 
 The features are the global-average-pooled output of the model's last feature maps (its
 Grad-CAM layer): for a pooled linear head (MobileNetV2, ResNets, EfficientNet) exactly the
-input of the linear unit. A :class:`ShiftDetector` projects them on their first principal
-components (fitted on the training images of the model's run), measures the Mahalanobis
-distance there under a Ledoit-Wolf shrinkage covariance, and flags an image whose distance
-exceeds a threshold: the 99th percentile of the training images' distances, raised to the
-95th percentile of the validation images' when more than 5 % of those would be flagged, so
-that at most 5 % of the model's own validation images are flagged (the measured rates are kept
-in ``stats``).
+input of the linear unit. A :class:`ShiftDetector` is a probabilistic-PCA Gaussian of those
+features, fitted on the training images of the model's run: its score is the Mahalanobis
+distance, i.e. the distance in the first principal components under a Ledoit-Wolf shrinkage
+covariance plus the residual outside them scaled by the mean residual variance (Tipping &
+Bishop 1999). The residual is what catches inverted, blurred or rotated films, whose features
+move off the directions chest films vary along. An image is flagged when its score exceeds a
+threshold: the 99th percentile of the training images' scores, raised to the 95th percentile of
+the validation images' when more than 5 % of those would be flagged, so that at most 5 % of the
+model's own validation images are flagged (the measured rates are kept in ``stats``).
 
 A flagged image still gets its answer, with a warning saying that it lies outside the validated
 population (:meth:`ShiftDetector.warning`). Where the detector comes from: the bundle's
@@ -48,7 +50,7 @@ log = logging.getLogger(__name__)
 #: ``format`` of :meth:`ShiftDetector.to_dict`.
 SHIFT_FORMAT = "pneumoscan-shift/1"
 #: Principal components kept by default.
-DEFAULT_COMPONENTS = 32
+DEFAULT_COMPONENTS = 64
 #: Largest share of the model's own validation images that may be flagged.
 MAX_FLAG_RATE = 0.05
 #: Percentile of the training images' distances tried first as the threshold.
@@ -70,6 +72,7 @@ class ShiftDetector:
         mean: ``(C,)`` mean feature of the training images.
         components: ``(k, C)`` orthonormal principal directions.
         precision: ``(k, k)`` inverse of the shrunk covariance of the projections.
+        residual_variance: mean variance per dimension outside the subspace (0: no residual term).
         threshold: an image whose score exceeds it is flagged.
         population: what the model was validated on, in words (shown in warnings).
         stats: how it was fitted: ``n_train``, ``n_val``, ``components``, ``shrinkage``,
@@ -81,6 +84,7 @@ class ShiftDetector:
     mean: np.ndarray
     components: np.ndarray
     precision: np.ndarray
+    residual_variance: float
     threshold: float
     population: str = ""
     stats: dict[str, Any] = field(default_factory=dict)
@@ -91,7 +95,8 @@ class ShiftDetector:
         return int(self.mean.size)
 
     def score(self, features: np.ndarray) -> np.ndarray:
-        """Shift scores ``(B,)`` (Mahalanobis distances) of pooled features ``(B, C)``.
+        """Shift scores ``(B,)`` (Mahalanobis distances under the fitted Gaussian) of pooled
+        features ``(B, C)``.
 
         Raises:
             ModelError: features of another width than the detector's.
@@ -100,8 +105,12 @@ class ShiftDetector:
         x = x.reshape(x.shape[0], -1) if x.ndim else x.reshape(1, -1)
         if x.shape[1] != self.n_features:
             raise ModelError(f"shift detector expects {self.n_features} features of {self.layer}, got {x.shape[1]}")
-        z = (x - self.mean) @ self.components.T
-        return np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", z, self.precision, z), 0.0))
+        xc = x - self.mean
+        z = xc @ self.components.T
+        d2 = np.einsum("ij,jk,ik->i", z, self.precision, z)
+        if self.residual_variance > 0:
+            d2 = d2 + np.sum((xc - z @ self.components) ** 2, axis=1) / self.residual_variance
+        return np.sqrt(np.maximum(d2, 0.0))
 
     def warning(self, score: float) -> str | None:
         """The warning of an image with this score, or ``None`` when it is not flagged."""
@@ -114,7 +123,8 @@ class ShiftDetector:
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (lists of float32 values): ``provenance["shift"]``."""
         return {"format": SHIFT_FORMAT, "layer": self.layer, "threshold": float(self.threshold), "population": self.population,
-                "stats": dict(self.stats), **{k: np.asarray(getattr(self, k), np.float32).tolist() for k in _ARRAYS}}
+                "residual_variance": float(self.residual_variance), "stats": dict(self.stats),
+                **{k: np.asarray(getattr(self, k), np.float32).tolist() for k in _ARRAYS}}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], source: str = "shift detector") -> "ShiftDetector":
@@ -125,13 +135,15 @@ class ShiftDetector:
         """
         try:
             arrays = {k: np.asarray(d[k], dtype=np.float64) for k in _ARRAYS}
-            det = cls(str(d["layer"]), arrays["mean"].reshape(-1), arrays["components"], arrays["precision"], float(d["threshold"]),
-                      str(d.get("population") or ""), dict(d.get("stats") or {}))
+            det = cls(str(d["layer"]), arrays["mean"].reshape(-1), arrays["components"], arrays["precision"],
+                      float(d.get("residual_variance") or 0.0), float(d["threshold"]), str(d.get("population") or ""),
+                      dict(d.get("stats") or {}))
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{source}: malformed shift detector ({e})") from e
         c, k = det.n_features, det.components.shape[0] if det.components.ndim == 2 else -1
         ok = (det.layer and c > 0 and k > 0 and det.components.shape == (k, c) and det.precision.shape == (k, k)
-              and all(np.all(np.isfinite(a)) for a in (det.mean, det.components, det.precision)) and np.isfinite(det.threshold))
+              and all(np.all(np.isfinite(a)) for a in (det.mean, det.components, det.precision)) and np.isfinite(det.threshold)
+              and np.isfinite(det.residual_variance) and det.residual_variance >= 0)
         if not ok:
             raise CheckpointError(f"{source}: malformed shift detector (shapes or values do not fit)")
         return det
@@ -189,41 +201,46 @@ def fit_shift_detector(
     validation images (see the module docstring).
 
     Args:
-        train: ``(n, C)`` features of the training images (the mean, subspace and covariance).
+        train: ``(n, C)`` features of the training images (the mean, subspace, covariance and
+            residual variance).
         val: ``(m, C)`` features of validation images (the threshold and its measured rate).
         layer: the feature layer.
         population: what the model was validated on, in words.
         fitted_on: where the images came from (kept in ``stats``).
-        n_components: principal components kept (at most ``n - 1`` and ``C``).
+        n_components: principal components kept (at most ``(n - 1) / 2`` and ``C - 1``, so that
+            the training images leave a residual to measure).
         max_flag_rate: largest share of the validation images flagged.
 
     Raises:
         DataError: fewer than 3 training images, no validation image, or constant features.
     """
     x, v = np.asarray(train, np.float64), np.asarray(val, np.float64)
-    if x.ndim != 2 or x.shape[0] < 3 or v.ndim != 2 or v.shape[0] < 1 or v.shape[1] != x.shape[1]:
+    if x.ndim != 2 or x.shape[0] < 3 or x.shape[1] < 2 or v.ndim != 2 or v.shape[0] < 1 or v.shape[1] != x.shape[1]:
         raise DataError("a shift detector needs the features of at least 3 training and 1 validation image")
-    mean = x.mean(axis=0).astype(np.float32)
+    n, c = x.shape
+    mean = x.mean(axis=0).astype(np.float32).astype(np.float64)  # stored as float32: fit with the stored values
     xc = x - mean
-    k = max(1, min(int(n_components), x.shape[0] - 1, x.shape[1]))
-    comps = np.linalg.svd(xc, full_matrices=False)[2][:k].astype(np.float32)
-    cov, shrink = ledoit_wolf(xc @ comps.T.astype(np.float64))
+    k = max(1, min(int(n_components), (n - 1) // 2, c - 1))
+    comps = np.linalg.svd(xc, full_matrices=False)[2][:k].astype(np.float32).astype(np.float64)
+    z = xc @ comps.T
+    cov, shrink = ledoit_wolf(z)
     if not np.trace(cov) > 0:
         raise DataError("the training images' features are constant: no shift detector can be fitted")
-    det = ShiftDetector(layer, mean.astype(np.float64), comps.astype(np.float64),
-                        np.linalg.inv(cov).astype(np.float32).astype(np.float64), np.inf, population)
+    resid = float(np.mean(np.sum((xc - z @ comps) ** 2, axis=1))) / (c - k)
+    resid = resid if resid > 1e-12 * float(np.trace(cov)) / k else 0.0
+    det = ShiftDetector(layer, mean, comps, np.linalg.inv(cov).astype(np.float32).astype(np.float64), resid, np.inf, population)
     s_train, s_val = det.score(x), det.score(v)
     det.threshold, rule = float(np.percentile(s_train, TRAIN_PERCENTILE)), f"train-p{TRAIN_PERCENTILE:g}"
     if np.mean(s_val > det.threshold) > max_flag_rate:
         det.threshold = float(np.quantile(s_val, 1.0 - max_flag_rate, method="higher"))
         rule = f"val-p{100 * (1 - max_flag_rate):g}"
     det.stats = {
-        "n_train": int(x.shape[0]), "n_val": int(v.shape[0]), "components": k, "shrinkage": round(shrink, 6), "rule": rule,
+        "n_train": n, "n_val": int(v.shape[0]), "components": k, "shrinkage": round(shrink, 6), "rule": rule,
         "train_flag_rate": float(np.mean(s_train > det.threshold)), "val_flag_rate": float(np.mean(s_val > det.threshold)),
         "val_score_median": float(np.median(s_val)), "fitted_on": fitted_on,
     }
     log.info("shift detector on %s: %d components, shrinkage %.3f, threshold %.2f (%s): %.1f %% of %d training and %.1f %% of %d "
-             "validation images flagged", layer, k, shrink, det.threshold, rule, 100 * det.stats["train_flag_rate"], x.shape[0],
+             "validation images flagged", layer, k, shrink, det.threshold, rule, 100 * det.stats["train_flag_rate"], n,
              100 * det.stats["val_flag_rate"], v.shape[0])
     return det
 
@@ -318,22 +335,28 @@ class FeatureSet:
     errors: dict[int, str]
 
 
-def image_features(predictor: Predictor, paths: Sequence[str | Path], layer: str | None = None) -> FeatureSet:
-    """Logits and pooled features of image files through a predictor's reader, preprocessing
-    and runner (no guard, no TTA), in batches of ``predictor.batch_size``.
+def forward_files(predictor: Predictor, paths: Sequence[str | Path], layer: str | None = None, *, features: bool = True) -> FeatureSet:
+    """Logits (one view: no TTA) and pooled features of image files through a predictor's
+    reader, preprocessing and runner (no guard), in batches of ``predictor.batch_size``.
 
     Args:
         predictor: the model (a PyTorch runner, or an ONNX export with feature maps).
         paths: image files; unreadable ones are skipped and listed in ``errors``.
         layer: the feature layer (default :func:`default_layer`).
+        features: ``False``: logits only (``features`` then has no columns).
 
     Raises:
         ModelError: the runner gives no features of that layer.
     """
-    layer = layer or default_layer(predictor.runner)
-    forward = feature_forward(predictor.runner, layer)
-    if forward is None:
-        raise ModelError(f"the {predictor.backend} runner gives no feature maps of {layer}: use the PyTorch backend")
+    forward: FeatureForward | None
+    if features:
+        layer = layer or default_layer(predictor.runner)
+        forward = feature_forward(predictor.runner, layer)
+        if forward is None:
+            raise ModelError(f"the {predictor.backend} runner gives no feature maps of {layer}: use the PyTorch backend")
+    else:
+        def forward(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            return predictor.runner.forward(batch), np.zeros((batch.shape[0], 0), np.float32)
     size = predictor.input_size
 
     def read(p: str) -> Any:

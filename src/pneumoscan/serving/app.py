@@ -225,6 +225,7 @@ async def predict(
         "image": {**result["image"], "bytes": result["bytes"]},
         "timing_ms": {k: round(v, 2) for k, v in timing.items()},
         "extra": pred.extra,
+        "warnings": pred.warnings,
     }
     set_outcome(request, "refused" if pred.refused else "ok")
     return JSONResponse(clean(body))

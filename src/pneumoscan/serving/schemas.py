@@ -100,7 +100,17 @@ class PredictResponse(BaseModel):
     preview: PngImage | None = Field(None, description="the decoded image as pneumoscan read it (greyscale PNG)")
     image: ImageInfo
     timing_ms: dict[str, float]
-    extra: dict[str, Any] = Field(default_factory=dict, description="additional fields (e.g. guard score)")
+    extra: dict[str, Any] = Field(default_factory=dict, description="additional fields (e.g. guard score, shift score)")
+    warnings: list[str] = Field(default_factory=list, description="what the reader of this answer must know, e.g. that the "
+                                "image is unlike those the model was validated on (empty when there is nothing to say)")
+
+
+class OperatingCurve(BaseModel):
+    source: str = Field(description="what the figures were measured on (the model's validation or site-calibration images)")
+    n: dict[str, int] = Field(description="images per class")
+    thresholds: list[float] = Field(description="increasing thresholds on the calibrated probability (the operating one included)")
+    sensitivity: list[float] = Field(description="sensitivity at each threshold (PNEUMONIA when probability >= threshold)")
+    specificity: list[float] = Field(description="specificity at each threshold")
 
 
 class ModelInfo(BaseModel):
@@ -113,6 +123,8 @@ class ModelInfo(BaseModel):
     val_metrics: dict[str, Any] | None
     class_names: list[str]
     model_card: str | None
+    operating_curve: OperatingCurve | None = Field(None, description="validation sensitivity/specificity by threshold")
+    shift: dict[str, Any] | None = Field(None, description="the distribution-shift check: threshold, population, flag rate")
     capabilities: dict[str, bool]
     limits: dict[str, Any]
     version: str

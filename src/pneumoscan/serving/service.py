@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from ..core.calibration import sigmoid
 from ..core.imaging import fit_within, heatmap_rgba, resize_float, to_uint8
 from ..core.labels import CLASS_NAMES
 from ..data.isolated import decode_isolated
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 
 #: Time allowed to the first decode, which starts the decoding workers' server.
 WARM_UP_TIMEOUT_S = 60.0
+#: Threshold step of ``/v1/model``'s ``operating_curve`` (the page's threshold slider).
+CURVE_STEP = 0.005
 
 
 # ----------------------------------------------------------------------------- inference
@@ -244,16 +247,47 @@ def model_info(predictor: Predictor, settings: ServeSettings, service: Inference
         "val_metrics": ident.val_metrics,
         "class_names": ident.class_names,
         "model_card": _model_card(ident),
-        "capabilities": {"heatmap": service.heatmap_supported, "guard": service.guard_enabled, "dicom": True},
+        "operating_curve": operating_curve(predictor),
+        "shift": None if predictor.shift is None else {
+            "threshold": predictor.shift.detector.threshold, "population": predictor.shift.detector.population,
+            "val_flag_rate": predictor.shift.detector.stats.get("val_flag_rate")},
+        "capabilities": {"heatmap": service.heatmap_supported, "guard": service.guard_enabled, "dicom": True,
+                         "shift": predictor.shift is not None},
         "limits": {"max_upload_mb": settings.max_upload_mb, "formats": list(ACCEPTED_FORMATS),
                    "request_timeout_s": settings.request_timeout_s},
         "version": __version__,
     })
 
 
+def operating_curve(predictor: Predictor) -> dict[str, Any] | None:
+    """Sensitivity and specificity on the model's validation images (or those it was calibrated
+    on) at thresholds every :data:`CURVE_STEP` and at its operating threshold, from its stored
+    validation logits and its temperature; ``None`` when it has none of both classes.
+
+    Args:
+        predictor: the loaded model.
+    """
+    from ..inference.shift import validation_logits
+
+    bundle = predictor.bundle
+    val = validation_logits(bundle)
+    if val is None or val[1].min() == val[1].max():
+        return None
+    p, y = sigmoid(val[0] / bundle.temperature), val[1]
+    thr = np.unique(np.round(np.append(np.arange(0.0, 1.0 + CURVE_STEP / 2, CURVE_STEP), bundle.threshold), 6))
+    pred = p[None, :] >= thr[:, None]
+    pos, neg = y == 1, y == 0
+    source = bundle.provenance.get("val_logits_source") == "site-calibration"
+    return {"source": "site-calibration images" if source else "validation images",
+            "n": {CLASS_NAMES[0]: int(neg.sum()), CLASS_NAMES[1]: int(pos.sum())}, "thresholds": thr.tolist(),
+            "sensitivity": np.round((pred & pos).sum(1) / pos.sum(), 4).tolist(),
+            "specificity": np.round(1 - (pred & neg).sum(1) / neg.sum(), 4).tolist()}
+
+
 def _model_card(ident: _Identity) -> str | None:
-    """The model card: text stored with the weights, else a MODEL_CARD file beside the
-    checkpoint (or, for the shipped default model, the card its manifest names)."""
+    """The model card: text stored with the weights, else the checkpoint's own
+    ``<stem>.MODEL_CARD.md`` or a MODEL_CARD file beside it (or, for the shipped default model,
+    the card its manifest names)."""
     text = ident.card_text
     if isinstance(text, str) and text.strip():
         return text[:MODEL_CARD_MAX_CHARS]
@@ -264,6 +298,9 @@ def _model_card(ident: _Identity) -> str | None:
             return (default_dir / card).read_text(encoding="utf-8", errors="replace")[:MODEL_CARD_MAX_CHARS]
         if card is not None:
             folders.append(default_dir)
+    own = ident.path.parent / f"{ident.path.stem}.{MODEL_CARD_NAMES[0]}" if ident.path is not None else None
+    if own is not None and own.is_file():  # the card of a bundle written by `pneumoscan calibrate --data`
+        return own.read_text(encoding="utf-8", errors="replace")[:MODEL_CARD_MAX_CHARS]
     for folder in folders:
         for name in MODEL_CARD_NAMES:
             f = folder / name

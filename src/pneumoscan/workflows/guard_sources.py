@@ -304,7 +304,7 @@ def _synth_loader(cat: str, seed: int) -> Callable[[], tuple[bytes, str]]:
     return load
 
 
-def other_items(seed: int = 0, n_fit: int = 150, n_eval: int = 60, aug_fit: int = 30, aug_eval: int = 12) -> list[Item]:
+def other_items(seed: int = 0, n_fit: int = 200, n_eval: int = 60, aug_fit: int = 40, aug_eval: int = 12) -> list[Item]:
     """Non-chest items: bundled images (whole sources held out for evaluation) with augmented
     variants, and generated images (evaluation seeds disjoint from fitting seeds).
 

@@ -27,7 +27,7 @@ from ..data.splits import grouped_stratified_split
 from ..errors import CheckpointError, DataError
 from ..evaluation.data_card import resolve_data_card
 from ..inference import load_predictor
-from ..inference.shift import ShiftDetector, default_layer, fit_shift_detector, image_features
+from ..inference.shift import ShiftDetector, default_layer, fit_shift_detector, forward_files
 from ..models.bundle import DEFAULT_MANIFEST, ModelBundle, default_manifest, default_model_dir, load_bundle
 from ..utils.io import atomic_write_bytes, atomic_write_text, sha256_file
 
@@ -109,8 +109,8 @@ def fit_detector(
     """
     predictor = load_predictor(bundle, backend="torch", device=device, batch_size=batch_size, guard=False)
     layer = default_layer(predictor.runner)
-    tr = image_features(predictor, [s.path for s in train], layer)
-    va = image_features(predictor, [s.path for s in val], layer)
+    tr = forward_files(predictor, [s.path for s in train], layer)
+    va = forward_files(predictor, [s.path for s in val], layer)
     for name, fs in (("training", tr), ("validation", va)):
         for i, why in list(fs.errors.items())[:5]:
             log.warning("shift fit: %s image %s skipped: %s", name, (train if name == "training" else val)[i].path, why)

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from ..config import TrainConfig
 from ..core.calibration import fit_operating_point
-from ..data.datasets import Sample, read_manifest
+from ..data.datasets import read_manifest
 from ..data.io import read_image
 from ..evaluation.model_card import write_model_card
 from ..evaluation.plots import plot_training_curves
@@ -92,17 +92,17 @@ def finalize_run(run_dir: str | Path, cfg: TrainConfig | None = None) -> dict[st
     return {"threshold": op.threshold, "temperature": op.temperature, "val_metrics": m}
 
 
-def deployed_val_logits(bundle: ModelBundle, manifest: Path | Sequence[Sample], batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+def deployed_val_logits(bundle: ModelBundle, manifest: Path, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """Validation logits of a model through :class:`~pneumoscan.inference.Predictor` (fp32, the
     same reader and preprocessing as ``predict``/``serve``), so the fitted temperature and
     threshold hold for the deployed model.
 
     Args:
         bundle: the model.
-        manifest: the run's ``split_val.csv``, or the labelled images themselves.
+        manifest: the run's ``split_val.csv``.
         batch_size: images per forward pass.
     """
-    samples = read_manifest(manifest) if isinstance(manifest, (str, Path)) else list(manifest)
+    samples = read_manifest(manifest)
     pred = load_predictor(bundle, backend="torch", batch_size=batch_size, guard=False)
     out = [np.zeros(0)]
     for i in range(0, len(samples), batch_size):

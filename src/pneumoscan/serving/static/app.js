@@ -1,4 +1,6 @@
-// pneumoscan page: upload an X-ray, show the model's answer and its Grad-CAM overlay.
+// pneumoscan page: upload an X-ray, show the model's answer, its warnings and its Grad-CAM
+// overlay; a threshold slider re-labels the answer from its probability without a new request,
+// showing the validation sensitivity/specificity at that threshold (/v1/model operating_curve).
 // Plain browser JavaScript, no external assets; talks only to this server's /v1 API.
 "use strict";
 
@@ -6,7 +8,9 @@
   const $ = (id) => document.getElementById(id);
   const KEY_STORE = "pneumoscan.apiKey";
   const BROWSER_IMAGE_TYPES = ["image/jpeg", "image/png"];
-  const state = { key: sessionStorage.getItem(KEY_STORE) || "", model: null, objectUrl: null, pending: null, busy: false };
+  const CURVE_STEP = 0.005;
+  const state = { key: sessionStorage.getItem(KEY_STORE) || "", model: null, objectUrl: null, pending: null, busy: false,
+                  thresholds: [], result: null };
 
   // ------------------------------------------------------------------ helpers
   function authHeaders() {
@@ -112,12 +116,106 @@
     if (m.limits && m.limits.max_upload_mb) {
       $("drop-hint").textContent = "JPEG, PNG or DICOM · up to " + m.limits.max_upload_mb + " MB";
     }
+    if (m.shift && typeof m.shift.threshold === "number") {
+      addFact(dl, "Shift check", "on · flags images unlike its validation images (score > " + fmtNum(m.shift.threshold, 1) + ")");
+    }
+    setupThresholds(m);
     if (m.model_card) {
       $("model-card-text").textContent = m.model_card;
       show($("model-card"), true);
     } else {
       show($("model-card"), false);
     }
+  }
+
+  // ------------------------------------------------------------------ threshold slider
+  // The slider's positions are the thresholds of the model's operating curve (every 0.5 % and
+  // the operating threshold itself); without a curve, the same grid without figures.
+  function setupThresholds(m) {
+    const op = (m.operating_point || {}).threshold;
+    const curve = m.operating_curve;
+    let t = curve && curve.thresholds ? curve.thresholds.slice() : [];
+    if (!t.length) {
+      for (let i = 0; i * CURVE_STEP <= 1 + 1e-9; i++) t.push(Math.round(i * CURVE_STEP * 1e6) / 1e6);
+      if (typeof op === "number" && t.indexOf(op) < 0) t.push(op);
+      t.sort(function (a, b) { return a - b; });
+    }
+    state.thresholds = t;
+    $("threshold-slider").max = String(t.length - 1);
+    setThreshold(typeof op === "number" ? op : 0.5);
+  }
+
+  function nearestIndex(value) {
+    let best = 0;
+    state.thresholds.forEach(function (t, i) {
+      if (Math.abs(t - value) < Math.abs(state.thresholds[best] - value)) best = i;
+    });
+    return best;
+  }
+
+  function setThreshold(value) {
+    $("threshold-slider").value = String(nearestIndex(value));
+    relabel();
+  }
+
+  function currentThreshold() {
+    const t = state.thresholds[Number($("threshold-slider").value)];
+    return typeof t === "number" ? t : 0.5;
+  }
+
+  function operatingThreshold() {
+    if (state.result && typeof state.result.threshold === "number") return state.result.threshold;
+    const op = state.model && state.model.operating_point ? state.model.operating_point.threshold : null;
+    return typeof op === "number" ? op : 0.5;
+  }
+
+  function thresholdMetrics(t) {
+    const curve = state.model && state.model.operating_curve;
+    if (!curve || !curve.thresholds) return "No validation figures are stored with this model.";
+    const i = curve.thresholds.indexOf(t);
+    if (i < 0) return "";
+    const n = curve.n || {};
+    return "On the model's " + curve.source + " (" + (n.PNEUMONIA || 0) + " pneumonia, " + (n.NORMAL || 0) +
+      " normal) at this threshold: sensitivity " + pct(curve.sensitivity[i]) + ", specificity " + pct(curve.specificity[i]) + ".";
+  }
+
+  // Re-label the current answer at the slider's threshold (no request: the probability is known).
+  function relabel() {
+    const t = currentThreshold();
+    const op = operatingThreshold();
+    const atOp = Math.abs(t - op) < 1e-6;  // the curve's thresholds are rounded to 6 decimals
+    $("threshold-value").textContent = pct(t);
+    $("threshold-reset").disabled = atOp;
+    $("threshold-metrics").textContent = thresholdMetrics(t) + (atOp ? "" : " The model's operating threshold is " + pct(op) + ".");
+    const r = state.result;
+    if (!r || r.refused || typeof r.probability !== "number") return;
+    const positive = atOp ? r.label === "PNEUMONIA" : r.probability >= t;
+    const cls = positive ? "pos" : "neg";
+    const prob = $("probability");
+    prob.classList.remove("pos", "neg");
+    prob.classList.add(cls);
+    const label = $("label");
+    label.classList.remove("pos", "neg", "warn");
+    label.textContent = positive ? "PNEUMONIA" : "NORMAL";
+    label.classList.add(cls);
+    $("gauge-fill").classList.toggle("pos", positive);
+    $("gauge-mark").style.left = (100 * t).toFixed(2) + "%";
+    $("threshold-text").textContent = (atOp ? "threshold " : "chosen threshold ") + pct(t);
+    const which = atOp ? "the model's operating threshold" : "the chosen threshold";
+    $("verdict").textContent = (positive
+      ? "At or above " + which + ": findings consistent with pneumonia."
+      : "Below " + which + ": no pneumonia detected by the model.") + " Model: " + r.model + ".";
+  }
+
+  function renderWarnings(list) {
+    const ul = $("warnings-list");
+    ul.replaceChildren();
+    (list || []).forEach(function (w) {
+      const li = document.createElement("li");
+      li.textContent = w;
+      ul.appendChild(li);
+    });
+    show($("warnings"), !!(list && list.length));
   }
 
   // ------------------------------------------------------------------ result panel
@@ -130,6 +228,8 @@
   }
 
   function resetResult() {
+    state.result = null;
+    renderWarnings([]);
     show($("result-empty"), true);
     show($("result-body"), false);
     show($("refused"), false);
@@ -158,6 +258,8 @@
 
   function renderPrediction(r) {
     show($("result-empty"), false);
+    state.result = r;
+    renderWarnings(r.warnings);
     const label = $("label");
     label.classList.remove("pos", "neg", "warn");
     if (r.refused) {
@@ -170,23 +272,10 @@
       renderTiming(r.timing_ms || {});
       return;
     }
-    const positive = r.label === "PNEUMONIA";
-    const cls = positive ? "pos" : "neg";
-    const prob = $("probability");
-    prob.textContent = pct(r.probability);
-    prob.classList.remove("pos", "neg");
-    prob.classList.add(cls);
-    label.textContent = r.label;
-    label.classList.add(cls);
+    $("probability").textContent = pct(r.probability);
     show(label, true);
-    const fill = $("gauge-fill");
-    fill.classList.toggle("pos", positive);
-    fill.style.width = (100 * r.probability).toFixed(2) + "%";
-    $("gauge-mark").style.left = (100 * r.threshold).toFixed(2) + "%";
-    $("threshold-text").textContent = "threshold " + pct(r.threshold);
-    $("verdict").textContent = (positive
-      ? "At or above the model's operating threshold: findings consistent with pneumonia."
-      : "Below the model's operating threshold: no pneumonia detected by the model.") + " Model: " + r.model + ".";
+    $("gauge-fill").style.width = (100 * r.probability).toFixed(2) + "%";
+    setThreshold(r.threshold);  // the answer as the model gives it; the slider then re-labels it
     show($("result-body"), true);
     renderTiming(r.timing_ms || {});
   }
@@ -329,6 +418,8 @@
     window.addEventListener("drop", function (e) { e.preventDefault(); });
     $("clear-btn").addEventListener("click", clearImage);
     $("opacity").addEventListener("input", applyOpacity);
+    $("threshold-slider").addEventListener("input", relabel);
+    $("threshold-reset").addEventListener("click", function () { setThreshold(operatingThreshold()); });
     $("xray").addEventListener("load", fitFrame);
     $("key-form").addEventListener("submit", function (e) {
       e.preventDefault();
