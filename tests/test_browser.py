@@ -179,6 +179,40 @@ def test_upload_shows_probability_and_overlay(watch: PageWatch, model_info: dict
 
 
 
+def test_threshold_slider_relabels_without_a_request(watch: PageWatch, model_info: dict[str, Any], tiny_run: Path,
+                                                     xray_dir: Path, tmp_path: Path) -> None:
+    page = watch.page
+    _unlock(page)
+    image = sorted((xray_dir / "val" / "NORMAL").glob("*.jpeg"))[0]
+    page.set_input_files("#file-input", str(image))
+    page.wait_for_selector("#result-body:not(.hidden)", timeout=30_000)
+    ref = load_predictor(tiny_run).predict_image(image)
+    assert page.is_hidden("#warnings") and ref.warnings == []
+    curve = model_info["operating_curve"]
+    t = curve["thresholds"]
+    assert t[int(page.input_value("#threshold-slider"))] == pytest.approx(ref.threshold, abs=1e-6)  # starts at the operating point
+    assert page.is_disabled("#threshold-reset") and page.inner_text("#label") == ref.label
+    requests: list[str] = []
+    page.on("request", lambda r: requests.append(r.url))
+    below = max(i for i, x in enumerate(t) if x <= ref.probability)
+    above = min(i for i, x in enumerate(t) if x > ref.probability)
+    for i, label in ((below, "PNEUMONIA"), (above, "NORMAL")):
+        page.fill("#threshold-slider", str(i))
+        page.dispatch_event("#threshold-slider", "input")
+        assert page.inner_text("#label") == label
+        assert page.inner_text("#threshold-value") == f"{100 * t[i]:.1f} %"
+        metrics = page.inner_text("#threshold-metrics")
+        assert f"sensitivity {100 * curve['sensitivity'][i]:.1f} %" in metrics and f"specificity {100 * curve['specificity'][i]:.1f} %" in metrics
+        assert float(page.evaluate("document.getElementById('gauge-mark').style.left").rstrip("%")) == pytest.approx(100 * t[i], abs=0.01)
+        assert "chosen threshold" in page.inner_text("#verdict")
+    _screenshot(page, tmp_path, "page-threshold.png")
+    page.click("#threshold-reset")
+    assert page.inner_text("#label") == ref.label and "operating threshold" in page.inner_text("#verdict")
+    assert page.inner_text("#probability") == f"{100 * ref.probability:.1f} %"
+    assert requests == []  # re-labelled from the probability the page already has
+    assert watch.external == []
+
+
 def test_dicom_preview_and_error_message(watch: PageWatch, xray_dir: Path, tmp_path: Path) -> None:
     page = watch.page
     _unlock(page)

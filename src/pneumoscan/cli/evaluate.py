@@ -97,9 +97,8 @@ def _calibrate_on_data(args: argparse.Namespace) -> int:
     for w in cal.warnings:
         log.warning("warning: %s", w)
     new, d = cal.bundle, cal.data
-    print(f"{old.name} calibrated on {d['n']} images of {d['description']} "
-          f"({', '.join(f'{k} {v}' for k, v in d['n_per_class'].items())}"
-          + (f"; {d['n_unreadable']} unreadable skipped" if d["n_unreadable"] else "") + ")")
+    print(f"{old.name} calibrated on {d['n']} images of {d['description']}: {', '.join(f'{k} {v}' for k, v in d['n_per_class'].items())}"
+          + (f"; {d['n_unreadable']} unreadable skipped" if d["n_unreadable"] else ""))
     print(f"threshold {old.threshold:.4f} ({old.threshold_method}) -> {new.threshold:.4f} ({args.method}"
           + (f", target sensitivity {args.target:.2f}" if args.method == "sensitivity" else "") + ")")
     print(f"temperature {old.temperature:.4f} -> {new.temperature:.4f}")

@@ -332,7 +332,6 @@ class DecodePool:
 _pool: DecodePool | None = None
 _pool_lock = threading.Lock()
 _settings: dict[str, Any] = {}
-_exiting = False
 
 
 def default_pool() -> DecodePool:
@@ -340,8 +339,6 @@ def default_pool() -> DecodePool:
     global _pool
     with _pool_lock:
         if _pool is None:
-            if _exiting:
-                raise RuntimeError("the interpreter is exiting: no new decoding workers")
             _pool = DecodePool(**_settings)
         return _pool
 
@@ -368,9 +365,8 @@ def shutdown_decode_pool() -> None:
 
 
 def _at_exit() -> None:
-    global _exiting
-    _exiting = True
-    shutdown_decode_pool()
+    """Stop the workers; the closed pool stays, so that a late call gets an error, not new workers."""
+    default_pool().close()
 
 
 def _after_fork_in_child() -> None:  # pragma: no cover - runs in a forked child

@@ -329,21 +329,25 @@ class OnnxRunner:
         out = self.session.run([self.logit_name], {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
         return np.asarray(out, dtype=np.float32).reshape(-1)
 
+    def _run_maps(self, x: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        out = self.session.run([self.logit_name, *self.feature_names], {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})
+        return np.asarray(out[0], dtype=np.float32).reshape(-1), [np.asarray(f, dtype=np.float32) for f in out[1:]]
+
     def forward_feature_maps(self, batch: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
         """Raw logits ``(B,)`` and the ``(B, C, h, w)`` feature maps of each of
-        :attr:`linear_heads` (one onnxruntime call).
+        :attr:`linear_heads` (the batch split between the lanes, as :meth:`forward`).
 
         Raises:
             ModelError: the file has no feature-map output.
         """
         if not self.linear_heads:
             raise ModelError(f"{self.path.name}: this ONNX file has no feature-map output")
-        out = self.session.run([self.logit_name, *self.feature_names], {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})
-        return np.asarray(out[0], dtype=np.float32).reshape(-1), [np.asarray(f, dtype=np.float32) for f in out[1:]]
+        parts = self._in_lanes(self._run_maps, batch)
+        return np.concatenate([z for z, _ in parts]), [np.concatenate([f[i] for _, f in parts]) for i in range(len(self.feature_names))]
 
     def forward_features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Raw logits ``(B,)`` and the Grad-CAM layer's ``(B, C, h, w)`` feature maps of a
-        preprocessed batch (one onnxruntime call) of a single network's export.
+        preprocessed batch (:meth:`forward_feature_maps`) of a single network's export.
 
         Raises:
             ModelError: the file has no ``features`` output (or one per ensemble member).
@@ -354,14 +358,19 @@ class OnnxRunner:
         return logits, feats[0]
 
     def forward(self, batch: np.ndarray) -> np.ndarray:
+        return np.concatenate(self._in_lanes(self._run, batch))
+
+    def _in_lanes(self, fn: Callable[[np.ndarray], Any], batch: np.ndarray) -> list[Any]:
+        """``fn`` of pieces of ``batch`` run concurrently in the lanes, in order (one call for one
+        lane or one image)."""
         n = batch.shape[0]
         if self.lanes <= 1 or n <= 1:
-            return self._run(batch)
+            return [fn(batch)]
         if self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=self.lanes, thread_name_prefix="pneumoscan-onnx")
         # small pieces: a convolution's working set of LANE_BATCH images stays in the core's cache
         parts = np.array_split(batch, max(min(self.lanes, n), -(-n // LANE_BATCH)))
-        return np.concatenate(list(self._pool.map(self._run, parts)))
+        return list(self._pool.map(fn, parts))
 
 
 def _linear_heads(meta: dict[str, str], path: Path) -> tuple[LinearHead, ...]:
