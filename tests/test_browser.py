@@ -194,8 +194,9 @@ def test_threshold_slider_relabels_without_a_request(watch: PageWatch, model_inf
     assert page.is_disabled("#threshold-reset") and page.inner_text("#label") == ref.label
     requests: list[str] = []
     page.on("request", lambda r: requests.append(r.url))
-    below = max(i for i, x in enumerate(t) if x <= ref.probability)
-    above = min(i for i, x in enumerate(t) if x > ref.probability)
+    other = [i for i, x in enumerate(t) if abs(x - ref.threshold) > 1e-6]  # thresholds other than the operating one
+    below = max(i for i in other if t[i] <= ref.probability)
+    above = min(i for i in other if t[i] > ref.probability)
     for i, label in ((below, "PNEUMONIA"), (above, "NORMAL")):
         page.fill("#threshold-slider", str(i))
         page.dispatch_event("#threshold-slider", "input")

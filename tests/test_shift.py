@@ -20,9 +20,8 @@ from pneumoscan.data.datasets import read_manifest
 from pneumoscan.data.io import read_image
 from pneumoscan.errors import CheckpointError, DataError, ModelError
 from pneumoscan.inference import Predictor, load_predictor
-from pneumoscan.inference.shift import (
-    MAX_FLAG_RATE, ShiftDetector, fit_shift_detector, forward_files, ledoit_wolf, pool_features, read_npz, shift_detector,
-)
+from pneumoscan.inference.features import forward_files, pool_features
+from pneumoscan.inference.shift import MAX_FLAG_RATE, ShiftDetector, fit_shift_detector, ledoit_wolf, read_npz, shift_detector
 from pneumoscan.models.bundle import DEFAULT_MANIFEST, default_manifest, default_model_dir, load_bundle, save_bundle
 
 SAMPLES = default_model_dir().parent / "samples"
@@ -186,7 +185,8 @@ def test_perturbed_films_score_higher_and_are_flagged(default_predictor: Predict
     scores = np.array([p.extra["shift_score"] for p in preds]).reshape(3, -1)
     assert np.all(scores[1] > scores[0]) and np.all(scores[2] > scores[0]), scores
     originals, _, blurry = (preds[i * len(films):(i + 1) * len(films)] for i in range(3))
-    assert all(p.warnings == [] for p in originals), [p.warnings for p in originals]
+    # about 2 % of the model's own validation images score above the threshold: originals mostly do not
+    assert sum(bool(p.warnings) for p in originals) <= 1 and np.median(scores[0]) < default_predictor.shift.detector.threshold
     assert all(p.warnings and "unlike the images this model was validated on" in p.warnings[0] for p in blurry)
     assert all(p.probability is not None and p.label for p in blurry)  # flagged, still answered
 
@@ -236,3 +236,23 @@ def test_service_json_carries_warnings_and_the_operating_curve(default_client: T
     assert curve["specificity"][i] == pytest.approx(m["val_metrics"]["specificity"], abs=1e-4)
     assert curve["sensitivity"][0] == 1.0 and curve["specificity"][0] == 0.0
     assert all(a >= b for a, b in zip(curve["sensitivity"], curve["sensitivity"][1:]))
+
+
+@needs_sidecar
+def test_evaluation_report_shows_the_flagged_share(cli: Any, tmp_path: Path) -> None:
+    data = tmp_path / "site"
+    for cls, pattern in (("NORMAL", "NORMAL*.jpeg"), ("PNEUMONIA", "person*.jpeg")):
+        (data / cls).mkdir(parents=True)
+        for f in sorted(SAMPLES.glob(pattern)):
+            _jpeg(_blurred(read_image(f, max_side=224)), data / cls / f.name)
+    r = cli("evaluate", "--data", data, "--out", tmp_path / "report", "--bootstrap", "200", "--no-summary")
+    assert r.code == 0, r.err
+    m = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert m["shift"]["n_scored"] == 4 and m["shift"]["n_flagged"] == 4 and m["shift"]["share"] == 1.0
+    assert m["shift"]["validation_share"] <= MAX_FLAG_RATE
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "Distribution shift: 4 of 4 images (100.0 %)" in md
+    assert "100 % of these images are unlike the images the model was validated on" in md  # > 20 %: a report warning
+    rows = list(csv.DictReader((tmp_path / "report" / "predictions.csv").open()))
+    assert all(float(x["shift_score"]) > m["shift"]["threshold"] and "treat this answer with caution" in x["warnings"] for x in rows)
+    assert "are unlike the images the model was validated on" in r.err

@@ -6,6 +6,7 @@ Registered by :mod:`pneumoscan.cli` through :func:`register`. Bad input raises a
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 from pathlib import Path
@@ -61,9 +62,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     if args.refit_shift:
         from ..workflows.shift_fit import refit_bundle
 
-        def refit(b: Any) -> Any:
-            return refit_bundle(b, batch_size=args.batch_size, device=args.device)
-
+        refit = functools.partial(refit_bundle, batch_size=args.batch_size, device=args.device)
     old, new = recalibrate_file(args.checkpoint, args.out, method=args.method, target_sensitivity=args.target,
                                 refit_temperature=not args.keep_temperature, in_place=args.in_place, refit=refit)
     cal = calibration_summary(new.provenance["val_logits"], new.provenance["val_labels"], new.temperature)

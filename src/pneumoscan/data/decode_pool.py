@@ -32,6 +32,7 @@ import numpy as np
 from ..errors import ImageReadError, ImageTooLargeError, UnsupportedFormatError
 from ..utils.text import safe_text
 from .decode_worker import ProtocolError, recv_header, recv_into, send, serve
+from .formats import sniff_format
 from .limits import MAX_PIXELS
 
 __all__ = ["MAX_TASKS", "DecodePool", "configure_decode_pool", "default_pool", "shutdown_decode_pool"]
@@ -44,9 +45,10 @@ MAX_TASKS = 500
 START_TIMEOUT_S = 60.0
 _ERRORS = {cls.__name__: cls for cls in (ImageReadError, UnsupportedFormatError, ImageTooLargeError)}
 #: What the forkserver imports once, so that a worker starts ready to decode.
+#: pydicom is not: a worker loads it before its first DICOM file, outside that file's time limit.
 _PRELOAD = ["__main__", "pneumoscan.data.decode_worker", "PIL.BmpImagePlugin", "PIL.GifImagePlugin",
             "PIL.JpegImagePlugin", "PIL.PngImagePlugin", "PIL.PpmImagePlugin", "PIL.TiffImagePlugin",
-            "PIL.WebPImagePlugin", "pydicom", "pydicom.pixels"]
+            "PIL.WebPImagePlugin"]
 
 _context: Any = None
 _context_lock = threading.Lock()
@@ -55,7 +57,7 @@ _start_lock = threading.Lock()
 
 def _mp_context() -> Any:
     """The multiprocessing context of the workers; the forkserver preloads the reader (Pillow's
-    plugins and pydicom included), so that a worker starts in milliseconds, ready to decode."""
+    plugins included), so that a worker starts in milliseconds, ready to decode."""
     global _context
     with _context_lock:
         if _context is None:
@@ -96,6 +98,20 @@ def _has_input(sock: socket.socket) -> bool:
     return bool(poller.poll(0))
 
 
+def _prepare_dicom(w: _Worker, name: str) -> None:
+    """Have worker ``w`` load pydicom, before its first DICOM task and outside that task's time
+    limit (the file plays no part in it)."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    try:
+        send(w.sock, {"prepare": "DICOM"}, b"", deadline)
+        msg, payload_len = recv_header(w.sock, deadline)
+        if msg != {"ready": True} or payload_len:
+            raise ProtocolError
+    except (socket.timeout, EOFError, OSError, ProtocolError):
+        raise ImageReadError(name, "the decoder process could not load the DICOM reader") from None
+    w.dicom_ready = True
+
+
 def _died(name: str, exitcode: int | None, timeout_s: float) -> ImageReadError:
     """The error for a worker that ended without an answer."""
     if exitcode is not None and exitcode < 0:
@@ -113,12 +129,13 @@ def _died(name: str, exitcode: int | None, timeout_s: float) -> ImageReadError:
 class _Worker:
     """One decoding process, the caller's end of its socket, and its task count."""
 
-    __slots__ = ("proc", "sock", "pid", "tasks", "reusable", "exitcode", "ended")
+    __slots__ = ("proc", "sock", "pid", "tasks", "reusable", "dicom_ready", "exitcode", "ended")
 
     def __init__(self, proc: Any, sock: socket.socket) -> None:
         self.proc, self.sock, self.pid = proc, sock, proc.pid
         self.tasks = 0
         self.reusable = False
+        self.dicom_ready = False
         self.exitcode: int | None = None
         self.ended = False
 
@@ -295,6 +312,8 @@ class DecodePool:
         """Send one task and read the answer; the worker is marked reusable when all went well."""
         w.reusable = False
         w.tasks += 1
+        if not w.dicom_ready and sniff_format(data) == "DICOM":
+            _prepare_dicom(w, name)
         deadline = time.monotonic() + timeout_s
         try:
             send(w.sock, task, data, deadline)

@@ -239,7 +239,7 @@ def site_calibrate(
             shift detector.
     """
     from ..inference import load_predictor
-    from ..inference.shift import default_layer, forward_files
+    from ..inference.features import default_layer, forward_files
     from .evaluate import resolve_samples
 
     check_threshold_rule(method, target_sensitivity)

@@ -38,6 +38,8 @@ TEMPLATE = 16
 #: Larger images are first reduced to fit this side (the size ``predict`` decodes at for
 #: the guard), so that texture statistics do not depend on the resolution of the input.
 WORK_SIDE = 224
+#: Bins of the edge-orientation histogram (over 0-180 degrees).
+ORIENT_BINS = 6
 #: Intensity percentiles measured (symmetric: inverting the image swaps them).
 PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
 #: Percentiles the intensities are stretched between (markers, text and wires above the
@@ -47,6 +49,8 @@ STRETCH = (0.5, 99.5)
 #: ``BORDER_TOL`` of the outermost line's median (JPEG ringing and sensor noise included).
 BORDER_COVERAGE = 0.97
 BORDER_TOL = 0.03
+#: Lines of a border holding text are still this much border level.
+BORDER_MOSTLY = 0.6
 #: The template is also matched zoomed (scale), rotated (degrees) and shifted (fractions of
 #: the side, x and y), as chest films come tightly cropped, zoomed out, tilted or off-centre.
 BANK_SCALES = (0.75, 0.9, 1.0, 1.2, 1.45)
@@ -123,21 +127,29 @@ def _pool(x: np.ndarray, n: int) -> np.ndarray:
 
 
 def _border_lines(a: np.ndarray, tol: float, coverage: float) -> tuple[int, int]:
-    """``(first, end)``: the rows of ``a`` left after dropping uniform rows at the top and at
-    the bottom (rows whose pixels mostly lie near the most common level of the outermost row)."""
-    n = a.shape[0]
+    """``(first, end)``: the rows of ``a`` left after dropping the uniform rows at the top and
+    at the bottom. A row is uniform when ``coverage`` of its pixels lie within ``tol`` of the
+    outermost row's most common level; rows of burnt-in text in such a border (at least
+    :data:`BORDER_MOSTLY` border level) are dropped with it when a uniform row follows them."""
+    n, m = a.shape
     first, end = 0, n
     k = int(round(tol * 255))
     for edge in (0, n - 1):
         counts = np.bincount(np.rint(a[edge] * 255).astype(np.intp), minlength=256)
         mode = int(np.argmax(counts))
-        if counts[max(0, mode - k) : mode + k + 1].sum() < coverage * a.shape[1]:
+        if counts[max(0, mode - k) : mode + k + 1].sum() < BORDER_MOSTLY * m:
             continue  # the usual case: no border on this side
-        uniform = np.count_nonzero(np.abs(a - mode / 255) <= tol, axis=1) >= coverage * a.shape[1]
+        share = np.count_nonzero(np.abs(a - mode / 255) <= tol, axis=1) / m
+        if edge == n - 1:
+            share = share[::-1]
+        mostly = share >= BORDER_MOSTLY
+        run = int(np.argmin(mostly)) if not mostly.all() else n
+        clean = np.flatnonzero(share[:run] >= coverage)
+        depth = int(clean[-1]) + 1 if clean.size else 0
         if edge == 0:
-            first = int(np.argmin(uniform)) if not uniform.all() else n
+            first = depth
         else:
-            end = n - int(np.argmin(uniform[::-1])) if not uniform.all() else 0
+            end = n - depth
     return first, end
 
 
@@ -145,7 +157,8 @@ def content_box(img: np.ndarray, tol: float = BORDER_TOL, coverage: float = BORD
     """The box inside uniform borders (letterbox bars, padding, frames of any grey level).
 
     Args:
-        img: 2-D float greyscale image in [0, 1].
+        img: 2-D float greyscale image in [0, 1] (:func:`prepare` stretches it to its full
+            range first: 12-bit pixels in a 16-bit file are judged like 8-bit ones).
         tol: largest difference from a border's level still counted as border.
         coverage: share of a row or column's pixels that must be border level.
 
@@ -205,7 +218,8 @@ def prepare(img: np.ndarray) -> Prepared:
         img = np.nan_to_num(img, nan=0.0, posinf=1.0, neginf=0.0)
     if max(img.shape) > WORK_SIDE:
         img = resize_float(img, *fit_within(img.shape[0], img.shape[1], WORK_SIDE))
-    box = content_box(img)
+    mn, mx = float(img.min()), float(img.max())  # borders are judged relative to the range in use
+    box = content_box((img - mn) * (1.0 / (mx - mn))) if mx - mn > 1e-6 else (0, img.shape[0], 0, img.shape[1])
     y0, y1, x0, x1 = box
     sq = resize_float(img[y0:y1, x0:x1], SIDE, SIDE)
     s = np.sort(sq, axis=None)
@@ -384,6 +398,15 @@ def image_features(
         f["axis_aligned"] = float(((ax < 0.1 * ay) | (ay < 0.1 * ax)).mean())
     else:
         f["axis_aligned"] = 0.0
+    # orientation of the edges (0 = horizontal gradient, i.e. vertical edges), magnitude-weighted
+    theta = np.arctan2(gy, gx) % np.pi
+    bins = np.minimum((theta * (ORIENT_BINS / np.pi)).astype(np.intp), ORIENT_BINS - 1)
+    orient = np.bincount(bins.ravel(), weights=g.ravel(), minlength=ORIENT_BINS) / (float(g.sum()) + 1e-9)
+    for i, v in enumerate(orient):
+        f[f"orient{i}"] = float(v)
+    # how unevenly detail is spread (16-pixel blocks): photographs mix flat and busy regions
+    block_sd = x.reshape(8, SIDE // 8, 8, SIDE // 8).std(axis=(1, 3))
+    f["block_sd_cv"] = float(block_sd.std() / (block_sd.mean() + 1e-3))
 
     # ---------------------------------------------------------------- symmetry and layout
     p64 = _pool(x, 64)

@@ -129,9 +129,11 @@ class ModelBundle:
 
     # ------------------------------------------------------------------ conversion
     def info(self) -> dict[str, Any]:
-        """Everything but the weights, provenance arrays and training state, as JSON-able
-        values: what ONNX metadata, ``/v1/model`` and model cards carry."""
-        prov = {k: v for k, v in self.provenance.items() if k not in ("history", "val_logits", "val_labels", "config")}
+        """Everything but the weights, the training history and config and the training state,
+        as JSON-able values: what ONNX metadata, ``/v1/model`` and model cards carry (the
+        validation logits and the distribution-shift detector included: an ONNX runner needs
+        them for the operating curve and the shift check)."""
+        prov = {k: v for k, v in self.provenance.items() if k not in ("history", "config")}
         return {
             "format": self.format, "name": self.name, "arch": self.arch, "arch_kwargs": dict(self.arch_kwargs),
             "sha256": self.sha256, "preprocessing": self.preprocessing.to_dict(), "class_names": list(self.class_names),

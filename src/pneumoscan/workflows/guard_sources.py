@@ -5,7 +5,8 @@ part and a held-out part, ``chest_xray_224/val``, ``chest_xray_fullres``). Image
 chest X-rays come from what is available offline:
 
 * photographs, textures, microscopy, text and phantoms bundled with scikit-image
-  (``skimage.data``), scikit-learn (``load_sample_images``) and matplotlib (sample data);
+  (``skimage.data``), scikit-learn (``load_sample_images``) and matplotlib (sample data,
+  with two elevation maps);
 * CT, MR, NM and ultrasound slices bundled with pydicom (as plain images: DICOM files
   themselves are already refused by their Modality);
 * generated images (:mod:`pneumoscan.workflows.guard_synth`): noise, blank, gradients,
@@ -16,8 +17,9 @@ noise, borders, rescaling, JPEG). Chest X-rays are transformed to imitate other 
 films (:mod:`pneumoscan.workflows.guard_transforms`: letterboxing, rotation, tight crops,
 wide fields, exposure, lines and electrodes, markers and text, noise, inversion, 16 bits):
 the fitting set with the ``FIT`` profile, and held-out patients' images, per family, with
-the ``HELD_OUT`` profile and other seeds. Each :class:`Item` loads as encoded bytes, so fitting reads it through
-the real reader, as ``predict`` does (:mod:`pneumoscan.workflows.guard_fit`).
+the ``HELD_OUT`` profile and other seeds. Each :class:`Item` loads as encoded bytes, so
+fitting reads it through the real reader, as ``predict`` does
+(:mod:`pneumoscan.workflows.guard_fit`).
 
 Whole source images (not just augmentations) and generator seeds are split between fitting
 and evaluation. scikit-image is needed here only (``pip install scikit-image``), never to run
@@ -51,7 +53,7 @@ FIT_SOURCES = (
     "skimage:retina", "skimage:text", "skimage:brick", "skimage:grass", "skimage:binary_blobs", "skimage:horse",
     "skimage:logo", "skimage:cell", "skimage:lfw_subset", "skimage:shepp_logan_phantom",
     "pydicom:693_J2KI.dcm", "pydicom:CT_small.dcm", "pydicom:examples_overlay.dcm", "pydicom:liver_1frame.dcm",
-    "pydicom:image_dfl.dcm",
+    "pydicom:image_dfl.dcm", "pydicom:examples_palette.dcm", "matplotlib:jacksboro_fault_dem.npz",
 )
 EVAL_SOURCES = (
     "skimage:chelsea", "skimage:rocket", "skimage:immunohistochemistry", "skimage:page", "skimage:clock",
@@ -59,7 +61,7 @@ EVAL_SOURCES = (
     "sklearn:china.jpg", "sklearn:flower.jpg", "matplotlib:grace_hopper.jpg", "matplotlib:Minduka_Present_Blue_Pack.png",
     "matplotlib:s1045.ima.gz",
     "pydicom:J2K_pixelrep_mismatch.dcm", "pydicom:MR_small.dcm", "pydicom:JPEG2000.dcm", "pydicom:examples_jpeg2k.dcm",
-    "pydicom:examples_rgb_color.dcm",
+    "pydicom:examples_rgb_color.dcm", "matplotlib:topobathy.npz", "matplotlib:logo2.png",
 )
 #: Category of each bundled source (for the report).
 SOURCE_CATEGORY = {
@@ -69,6 +71,8 @@ SOURCE_CATEGORY = {
     "skimage:gravel": "texture", "skimage:cell": "microscopy", "skimage:immunohistochemistry": "microscopy",
     "skimage:microaneurysms": "microscopy", "skimage:retina": "medical_photo", "matplotlib:s1045.ima.gz": "ct_mr_slice",
     "matplotlib:Minduka_Present_Blue_Pack.png": "graphic", "pydicom:image_dfl.dcm": "pattern",
+    "matplotlib:logo2.png": "graphic", "matplotlib:jacksboro_fault_dem.npz": "elevation_map",
+    "matplotlib:topobathy.npz": "elevation_map",
 }
 
 
@@ -125,6 +129,9 @@ def load_source(key: str) -> np.ndarray:
         p = Path(matplotlib.get_data_path()) / "sample_data" / name
         if name.endswith(".ima.gz"):
             a = np.frombuffer(gzip.open(p).read(), ">u2").reshape(256, 256).astype(np.float64)
+        elif name.endswith(".npz"):  # elevation maps: their first array
+            with np.load(p) as z:
+                a = np.asarray(z[z.files[0]], dtype=np.float64)
         else:
             a = np.asarray(Image.open(p).convert("RGB"))
     elif lib == "pydicom":

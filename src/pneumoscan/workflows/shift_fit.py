@@ -27,7 +27,8 @@ from ..data.splits import grouped_stratified_split
 from ..errors import CheckpointError, DataError
 from ..evaluation.data_card import resolve_data_card
 from ..inference import load_predictor
-from ..inference.shift import ShiftDetector, default_layer, fit_shift_detector, forward_files
+from ..inference.features import default_layer, forward_files
+from ..inference.shift import ShiftDetector, fit_shift_detector, replace_detector
 from ..models.bundle import DEFAULT_MANIFEST, ModelBundle, default_manifest, default_model_dir, load_bundle
 from ..utils.io import atomic_write_bytes, atomic_write_text, sha256_file
 
@@ -129,8 +130,6 @@ def refit_bundle(bundle: ModelBundle, data: str | Path | None = None, **kw: Any)
         data: the training data folder, when it moved since.
         **kw: ``batch_size``, ``device``, ``n_components`` of :func:`fit_detector`.
     """
-    from ..inference.shift import replace_detector
-
     train, val, root = run_split(bundle, data)
     det, _ = fit_detector(bundle, train, val, population=population_of(root), fitted_on=f"training split of {Path(root).name}", **kw)
     return replace_detector(bundle, det)

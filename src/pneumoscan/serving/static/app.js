@@ -212,7 +212,7 @@
     ul.replaceChildren();
     (list || []).forEach(function (w) {
       const li = document.createElement("li");
-      li.textContent = w;
+      li.textContent = w.charAt(0).toUpperCase() + w.slice(1);
       ul.appendChild(li);
     });
     show($("warnings"), !!(list && list.length));
