@@ -26,15 +26,14 @@ from ..errors import ImageReadError
 from .io import decode_image
 from .limits import MAX_FILE_BYTES
 
+__all__ = ["MAX_HEADER_BYTES", "RETIRE_RSS_BYTES", "ProtocolError", "recv_header", "recv_into", "send", "serve"]
+
 #: A worker holding more resident memory than this after a decode is replaced.
 RETIRE_RSS_BYTES = 256 << 20
 #: Largest JSON header either side may send (metadata is a few hundred bytes).
 MAX_HEADER_BYTES = 1 << 20
 #: Header length (bytes), payload length (bytes).
 _FRAME = struct.Struct("!IQ")
-
-
-__all__ = ["MAX_HEADER_BYTES", "RETIRE_RSS_BYTES", "ProtocolError", "recv_header", "recv_into", "send", "serve"]
 
 
 class ProtocolError(Exception):
@@ -48,7 +47,7 @@ def _arm(sock: socket.socket, deadline: float | None) -> None:
     left = deadline - time.monotonic()
     if left <= 0:
         raise socket.timeout
-    sock.settimeout(left if math.isfinite(left) else None)
+    sock.settimeout(left if left < 1e7 else None)  # beyond 115 days (or inf): no limit, not an overflow
 
 
 def send(sock: socket.socket, header: dict[str, Any], payload: Any = b"", deadline: float | None = None) -> None:
@@ -143,7 +142,7 @@ def _task_limits(timeout_s: float, max_memory: int) -> Iterator[None]:  # pragma
         wanted[resource.RLIMIT_AS] = current + int(max_memory)
     for lim, soft in wanted.items():
         hard = saved[lim][1]
-        with contextlib.suppress(ValueError, OSError):  # a lower hard limit already applies
+        with contextlib.suppress(ValueError, OverflowError, OSError):  # a lower hard limit already applies
             resource.setrlimit(lim, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
     try:
         yield

@@ -32,12 +32,7 @@ def _size(rng: np.random.Generator, lo: int = 160, hi: int = 900) -> tuple[int, 
     return w, int(np.clip(w / aspect, lo * 0.6, hi * 1.2))
 
 
-def font(size: int) -> ImageFont.ImageFont:
-    """Pillow's default font at ``size`` pixels (its bitmap font without FreeType).
-
-    Args:
-        size: font size in pixels.
-    """
+def _font(rng: np.random.Generator, size: int) -> ImageFont.ImageFont:
     try:
         return ImageFont.load_default(size=size)
     except (TypeError, OSError):  # pragma: no cover - Pillow without FreeType
@@ -160,7 +155,7 @@ def document(rng: np.random.Generator) -> np.ndarray:
     while y < h - margin:
         r = rng.random()
         if r < 0.12:
-            f = font(int(fs * 1.6))
+            f = _font(rng, int(fs * 1.6))
             d.text((margin, y), _sentence(rng, int(rng.integers(2, 6))).title(), fill=fg, font=f)
             y += int(fs * 2.6)
         elif r < 0.2:
@@ -170,13 +165,13 @@ def document(rng: np.random.Generator) -> np.ndarray:
                 d.line([(margin, y + i * rh), (margin + cols * cw, y + i * rh)], fill=fg, width=1)
             for j in range(cols + 1):
                 d.line([(margin + j * cw, y), (margin + j * cw, y + rows * rh)], fill=fg, width=1)
-            f = font(fs)
+            f = _font(rng, fs)
             for i in range(rows):
                 for j in range(cols):
                     d.text((margin + j * cw + 4, y + i * rh + 3), _sentence(rng, 1)[: max(1, cw // fs)], fill=fg, font=f)
             y += rows * rh + fs * 2
         else:
-            f = font(fs)
+            f = _font(rng, fs)
             for _ in range(int(rng.integers(2, 9))):
                 line = _sentence(rng, int(rng.integers(4, 16)))
                 d.text((margin, y), line, fill=fg, font=f)
@@ -199,7 +194,7 @@ def screenshot(rng: np.random.Generator) -> np.ndarray:
     d = ImageDraw.Draw(im)
     bar = int(rng.integers(24, 60))
     d.rectangle([0, 0, w, bar], fill=_colour(rng, grey))
-    f = font(int(rng.integers(11, 18)))
+    f = _font(rng, int(rng.integers(11, 18)))
     d.text((12, bar // 4), _sentence(rng, 3), fill=(255, 255, 255), font=f)
     side = int(w * rng.uniform(0.0, 0.3))
     if side:
