@@ -169,7 +169,7 @@ def render_model_card(
             _section(val["metrics"]["at_0.5"], "At threshold 0.5"),
         ]},
         ece_bins=DEFAULT_ECE_BINS, config_yaml=yaml.safe_dump(_portable(cfg, run_dir), sort_keys=False, allow_unicode=True),
-        site=_site(bundle), shift=bundle.provenance.get("shift"),
+        site=_site(bundle), shift=bundle.provenance.get("shift"), cv=bundle.provenance.get("cv"),
     )
 
 

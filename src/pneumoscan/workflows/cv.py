@@ -13,6 +13,7 @@ OUT/cv/folds.csv         the plan: every training image with its patient and fol
 OUT/cv/fold-<k>.json     written when fold k is finished (training, calibration, card)
 OUT/cv/oof.csv, cv_summary.json, cv_summary.md, cv_roc.png   (:mod:`.cv_summary`)
 OUT/train.log            the log of every fold
+OUT/final/               with --refit: the recipe trained on every image, calibrated on oof.csv (:mod:`.cv_refit`)
 ```
 
 Interrupted, it resumes (``pneumoscan train --resume OUT``, or the same command again):
@@ -37,6 +38,7 @@ from ..training.distributed import is_main_process
 from ..training.engine import run_log
 from ..training.inputs import training_samples
 from ..utils.io import atomic_write_text
+from .cv_refit import refit_final
 from .cv_summary import write_cv_summary
 from .train import train
 
@@ -58,7 +60,7 @@ def is_cv_run(path: str | Path) -> bool:
 
 
 def cross_validate(
-    cfg: TrainConfig | None, out: str | Path, folds: int = 5, *, resume: bool = False, overwrite: bool = False,
+    cfg: TrainConfig | None, out: str | Path, folds: int = 5, *, resume: bool = False, overwrite: bool = False, refit: bool = False,
 ) -> dict[str, Any]:
     """Train one run per patient-grouped fold of the training data and summarise them.
 
@@ -70,10 +72,13 @@ def cross_validate(
         resume: continue the cross-validation in ``out``.
         overwrite: start again in a directory that holds a run. Without it, a directory that
             holds this same cross-validation (same settings and K) is resumed, any other run refused.
+        refit: then train the recipe's final model on every training image, calibrated on the
+            out-of-fold logits (``OUT/final/``, :func:`~pneumoscan.workflows.cv_refit.refit_final`).
 
     Returns:
         ``run_dir``, ``folds``, ``oof`` (pooled out-of-fold AUC and operating point),
-        ``mean_sd`` and ``summary_file`` (see :func:`~pneumoscan.workflows.cv_summary.write_cv_summary`).
+        ``mean_sd`` and ``summary_file`` (see :func:`~pneumoscan.workflows.cv_summary.write_cv_summary`);
+        with ``refit``, ``final`` (see :func:`~pneumoscan.workflows.cv_refit.refit_final`).
 
     Raises:
         ConfigError: fewer than 2 folds, or a directory that holds another run.
@@ -105,6 +110,8 @@ def cross_validate(
         for i, fold in enumerate(plan, start=1):
             _run_fold(out, cfg, i, k, fold, resume)
         summary = write_cv_summary(out, cfg, k) if is_main_process() else {}
+        if refit:
+            summary["final"] = refit_final(out, cfg, resume=True)
     return {"run_dir": str(out), **summary}
 
 

@@ -14,9 +14,11 @@ with mean ± sd, a pooled operating point, and a ROC figure, in ``OUT/cv/``.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -24,9 +26,10 @@ import numpy as np
 
 from ..config import TrainConfig
 from ..core.calibration import select_threshold, sigmoid
+from ..core.labels import CLASS_NAMES
 from ..core.metrics import brier_score, expected_calibration_error, roc_auc, threshold_metrics
 from ..data.datasets import read_manifest
-from ..errors import CheckpointError
+from ..errors import CheckpointError, DataError
 from ..evaluation.plots import plot_roc
 from ..models.bundle import load_bundle
 from ..models.validation import jsonable
@@ -127,6 +130,54 @@ def _at(y: np.ndarray, p: np.ndarray, thr: float) -> dict[str, float]:
 def _mean_sd(values: Sequence[float]) -> dict[str, float]:
     v = np.asarray(values, dtype=np.float64)
     return {"mean": float(np.mean(v)), "sd": float(np.std(v, ddof=1)) if v.size > 1 else 0.0}
+
+
+@dataclass(frozen=True)
+class OofTable:
+    """The rows of an ``oof.csv`` (:func:`read_oof`), in file order.
+
+    Attributes:
+        path: the file.
+        sha256: hash of its bytes (recorded by whatever is calibrated on it).
+        folds: each row's fold (1-based).
+        logits: each row's out-of-fold logit.
+        labels: each row's label (0 = NORMAL, 1 = PNEUMONIA).
+    """
+
+    path: Path
+    sha256: str
+    folds: np.ndarray
+    logits: np.ndarray
+    labels: np.ndarray
+
+    def describe(self) -> dict[str, Any]:
+        """Where a calibration on these rows came from: file name, hash, folds and counts."""
+        return {"source": "cv-oof", "file": f"{self.path.parent.name}/{self.path.name}", "sha256": self.sha256,
+                "folds": sorted({int(f) for f in self.folds.tolist()}), "n": int(self.labels.size),
+                "n_per_class": {c: int((self.labels == i).sum()) for i, c in enumerate(CLASS_NAMES)}}
+
+
+def read_oof(path: str | Path) -> OofTable:
+    """Read a cross-validation's out-of-fold predictions (``OUT/cv/oof.csv``).
+
+    Args:
+        path: the file.
+
+    Raises:
+        DataError: an unreadable file or one without rows.
+    """
+    f = Path(path)
+    try:
+        data = f.read_bytes()
+        rows = list(csv.DictReader(data.decode("utf-8").splitlines()))
+        table = [(int(r["fold"]), float(r["logit"]), int(r["label"])) for r in rows]
+    except (OSError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
+        raise DataError(f"{f}: unreadable out-of-fold predictions ({e.__class__.__name__}: {e})") from e
+    if not table:
+        raise DataError(f"{f}: no out-of-fold predictions")
+    cols = list(zip(*table))
+    return OofTable(f, hashlib.sha256(data).hexdigest(), np.asarray(cols[0], dtype=np.int64), np.asarray(cols[1], dtype=np.float64),
+                    np.asarray(cols[2], dtype=np.int64))
 
 
 def _write_oof(folds: Sequence[dict[str, Any]], path: Path) -> None:

@@ -24,8 +24,7 @@ refused in one line.
 from __future__ import annotations
 
 import copy
-import csv
-import hashlib
+import functools
 import logging
 import re
 from pathlib import Path
@@ -37,9 +36,12 @@ from ..core.calibration import fit_operating_point
 from ..core.labels import CLASS_NAMES
 from ..errors import CheckpointError, ConfigError, DataError, ModelError
 from ..evaluation.model_card import render_model_card
+from ..data.fingerprints import SeenImages, fingerprint_files
 from ..models.bundle import ModelBundle, bundle_ref, load_bundle, save_bundle
+from ..models.seen import SEEN_KEY, seen_images
 from ..models.ensemble import ENSEMBLE_ARCH, member_state_dict
 from ..utils.io import atomic_write_text
+from .cv_summary import read_oof
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +122,9 @@ def combine(members: Sequence[ModelBundle], name: str | None = None) -> ModelBun
     n_params = [b.provenance.get("trainable_parameters") for b in members]
     if all(n is not None for n in n_params):
         prov["trainable_parameters"] = int(sum(n_params))  # type: ignore[arg-type]
+    seen = [s for s in (seen_images(b) for b in members) if s is not None]
+    if seen:  # every image any member was trained or calibrated on
+        prov[SEEN_KEY] = functools.reduce(SeenImages.merged, seen).to_dict()
     return ModelBundle(
         arch=ENSEMBLE_ARCH, preprocessing=first.preprocessing,
         arch_kwargs={"members": [{"arch": b.arch, "arch_kwargs": {**b.arch_kwargs, "input_size": b.input_size}} for b in members]},
@@ -147,29 +152,23 @@ def oof_logits(members: Sequence[ModelBundle]) -> tuple[np.ndarray, np.ndarray, 
         return None
     cv_dir = where[0][0]  # type: ignore[index]
     folds = [w[1] for w in where]  # type: ignore[index]
-    f = cv_dir / OOF_FILE
-    try:
-        data = f.read_bytes()
-        rows = list(csv.DictReader(data.decode("utf-8").splitlines()))
-        table = [(int(r["fold"]), float(r["logit"]), int(r["label"])) for r in rows]
-    except (OSError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
-        raise DataError(f"{f}: unreadable out-of-fold predictions ({e.__class__.__name__}: {e})") from e
+    table = read_oof(cv_dir / OOF_FILE)
     z, y = [], []
     for fold, b in zip(folds, members):
-        fz = np.array([t[1] for t in table if t[0] == fold], dtype=np.float64)
+        fz = table.logits[table.folds == fold]
         stored = np.asarray(b.provenance.get("val_logits") or [], dtype=np.float64)
         if fz.size == 0 or (stored.size and (stored.size != fz.size or not np.allclose(fz, stored, rtol=1e-4, atol=1e-4))):
-            raise DataError(f"{f} does not hold the validation logits of fold-{fold}/best.pt (retrained since?); "
+            raise DataError(f"{table.path} does not hold the validation logits of fold-{fold}/best.pt (retrained since?); "
                             "rerun the cross-validation summary or give --calibrate DIR")
         z.append(fz)
-        y.append(np.array([t[2] for t in table if t[0] == fold], dtype=np.int64))
+        y.append(table.labels[table.folds == fold])
     logits, labels = np.concatenate(z), np.concatenate(y)
     if len(set(labels.tolist())) < 2:
-        raise DataError(f"{f}: the member folds' out-of-fold images are of a single class; give --calibrate DIR")
+        raise DataError(f"{table.path}: the member folds' out-of-fold images are of a single class; give --calibrate DIR")
     source = {
-        "source": "cv-oof", "file": str(f), "sha256": hashlib.sha256(data).hexdigest(), "folds": folds,
+        "source": "cv-oof", "file": str(table.path), "sha256": table.sha256, "folds": folds,
         "n": int(labels.size), "n_per_class": {c: int((labels == i).sum()) for i, c in enumerate(CLASS_NAMES)},
-        "rows_left_out": len(table) - int(labels.size),
+        "rows_left_out": int(table.labels.size - labels.size),
         "note": "pooled out-of-fold logits of the member folds (each image scored by the fold model that did not "
                 "train on it) stand in for the ensemble's own logits, which are not out-of-sample on these images",
     }
@@ -181,15 +180,18 @@ def _site_calibrated(
 ) -> ModelBundle:
     """The ensemble calibrated on its own logits on labelled images
     (:func:`~pneumoscan.evaluation.recalibrate.site_calibrate`), with a warning when members
-    trained on some of them (their runs' training splits)."""
-    from ..evaluation.evaluate import resolve_samples, training_overlap
+    were trained or calibrated on some of them (found by content: their records of the images
+    they saw)."""
+    from ..evaluation.evaluate import resolve_samples
     from ..evaluation.recalibrate import site_calibrate
 
     samples, _ = resolve_samples(data, "val", columns)
-    overlap = {b.name: ov["images"] for b in members if (ov := training_overlap(b, samples)) and ov["images"]}
+    records = [(b.name, s) for b in members if (s := seen_images(b)) is not None]
+    digests = fingerprint_files([s.path for s in samples]) if records else []
+    overlap = {name: n for name, rec in records if (n := sum(rec.match(d) is not None for d in digests))}
     for member, n in overlap.items():
-        log.warning("%d of the %d calibration images were in the training split of %s: the fitted operating point is optimistic",
-                    n, len(samples), member)
+        log.warning("%d of the %d calibration images were among the training/calibration images of %s: the fitted operating point "
+                    "is optimistic", n, len(samples), member)
     res = site_calibrate(ens if fit_t else ens.replace(temperature=1.0), data, split="val", columns=columns, method=method,
                          target_sensitivity=target, refit_temperature=fit_t)
     for w in res.warnings:
