@@ -1,32 +1,67 @@
 """Turn a finished training run into the shipped default model (``src/pneumoscan/assets/default``).
 
-    python scripts/ship_default.py RUN_DIR [--name mobilenet_v2-res224-kermany]
-    python scripts/ship_default.py --onnx-only      # re-export the shipped model's ONNX file
+    python scripts/ship_default.py CV_DIR/final --name NAME --recipe "pneumoscan train ..."
+    python scripts/ship_default.py RUN_DIR [--name NAME]    # a run with its own validation split
+    python scripts/ship_default.py --onnx-only              # re-export the shipped model's ONNX file
 
 The weights are rounded to fp16 (the shipped storage) *before* the temperature and operating
-threshold are fitted on the run's patient-grouped validation split, so the stored calibration
-holds exactly for the file users load. Writes the checkpoint, ``default.json`` (name, sha256,
-metrics, preprocessing, licence), ``MODEL_CARD.md`` and the ONNX export that installs without
-PyTorch run (``<name>.onnx``, its sha256 in ``default.json``; docs/deploy.md).
+threshold are fitted, so the stored calibration holds exactly for the file users load: on the
+pooled out-of-fold logits of the cross-validation for a ``train --folds K --refit`` model
+(``CV_DIR/final``), else on the run's own validation split. Every absolute path is reduced to
+its last part (nothing shipped names a developer's machine). Writes the checkpoint,
+``default.json`` (name, sha256, metrics, preprocessing, licence), ``MODEL_CARD.md`` (rendered
+from the shipped file), the distribution-shift sidecar ``shift.npz`` and the ONNX export that a
+PyTorch-free install runs (``<name>.onnx``); every file's sha256 is in ``default.json``.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
-import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from pneumoscan.config import TrainConfig
 from pneumoscan.errors import PneumoscanError
+from pneumoscan.evaluation.data_card import strip_paths
+from pneumoscan.evaluation.model_card import render_model_card
 from pneumoscan.inference.onnx_export import export_default_onnx
-from pneumoscan.models.bundle import load_bundle, save_bundle, save_default
+from pneumoscan.models.bundle import ModelBundle, load_bundle, save_bundle, save_default
+from pneumoscan.utils.io import atomic_write_text
+from pneumoscan.workflows.cv_refit import calibrate_on_oof
+from pneumoscan.workflows.shift_fit import fit_default
 from pneumoscan.workflows.train import finalize_run
 
 log = logging.getLogger("pneumoscan.ship")
 DEST = Path(__file__).resolve().parents[1] / "src" / "pneumoscan" / "assets" / "default"
+
+
+def portable(value: Any) -> Any:
+    """``value`` with every absolute path in its strings reduced to the last part."""
+    if isinstance(value, dict):
+        return {k: portable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(portable(v) for v in value)
+    return strip_paths(value) if isinstance(value, str) else value
+
+
+def calibrated(run: Path, name: str) -> tuple[ModelBundle, str]:
+    """The run's best model with fp16-rounded weights, calibrated for those weights, and where
+    the calibration came from."""
+    best = load_bundle(run / "best.pt")
+    sd = {k: (v.half().float() if torch.is_floating_point(v) else v) for k, v in best.state_dict.items()}
+    best = best.replace(state_dict=sd, name=name)
+    cfg = TrainConfig.from_dict(best.provenance["config"])
+    cv_dir = run.parent
+    if (best.provenance.get("calibration") or {}).get("source") == "cv-oof":
+        summary = json.loads((cv_dir / "cv" / "cv_summary.json").read_text(encoding="utf-8"))
+        return calibrate_on_oof(best, cv_dir / "cv" / "oof.csv", cfg, summary), "oof"
+    save_bundle(best, run / "best.pt")
+    finalize_run(run, cfg)
+    return load_bundle(run / "best.pt"), "validation"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("run", type=Path, nargs="?")
     ap.add_argument("--onnx-only", action="store_true", help="only (re)write the ONNX export of the model in --dest")
     ap.add_argument("--name", default="mobilenet_v2-res224-kermany")
+    ap.add_argument("--recipe", default="pneumoscan train --preset default --data chest_xray_224",
+                    help="the command that trained the run (recorded in default.json)")
     ap.add_argument("--dest", type=Path, default=DEST)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -44,24 +81,33 @@ def main(argv: list[str] | None = None) -> int:
         if args.run is None:
             ap.error("give RUN_DIR (or --onnx-only)")
         run = args.run
-        cfg = TrainConfig.from_yaml(run / "config.yaml")
-        best = load_bundle(run / "best.pt")
-        sd = {k: (v.half().float() if torch.is_floating_point(v) else v) for k, v in best.state_dict.items()}
-        save_bundle(best.replace(state_dict=sd, name=args.name), run / "best.pt")
-        summary = finalize_run(run, cfg)
-        best = load_bundle(run / "best.pt")
-        hist = best.provenance["history"]
+        best, source = calibrated(run, args.name)
+        root = str((best.provenance.get("config") or {}).get("data", {}).get("root") or "")
+        best = best.replace(provenance=portable(best.provenance))
+        hist = best.provenance.get("history") or []
+        n_train = sum(1 for _ in open(run / "split_train.csv", encoding="utf-8")) - 1
+        trained_on = (f"{n_train} images of Kermany train (every one); operating point from the pooled out-of-fold predictions "
+                      f"of the {best.provenance['cv']['folds']}-fold patient-grouped cross-validation"
+                      if source == "oof" else
+                      f"{n_train} images of Kermany train; validation {len(best.provenance['val_labels'])} images of held-out "
+                      "patients (patient-grouped split)")
         extra = {
-            "recipe": "pneumoscan train --preset default --data chest_xray_224",
-            "trained_on": f"{sum(1 for _ in open(run / 'split_train.csv')) - 1} images of Kermany train; "
-                          f"validation {len(best.provenance['val_labels'])} images of held-out patients (patient-grouped split)",
-            "best_epoch": best.provenance["best_epoch"], "epochs": len(hist),
+            "recipe": args.recipe, "trained_on": trained_on, "best_epoch": best.provenance.get("best_epoch"), "epochs": len(hist),
             "train_time_s": round(sum(r["epoch_time"] for r in hist)), "model_card": "MODEL_CARD.md",
         }
+        for old in args.dest.glob("*.pt"):
+            if old.name != f"{args.name}.pt":
+                old.unlink()
+        for old in args.dest.glob("*.onnx"):
+            old.unlink()
         f = save_default(best, args.dest, args.name, extra)
-        shutil.copyfile(run / "MODEL_CARD.md", args.dest / "MODEL_CARD.md")
+        shipped = load_bundle(f)
+        shift = fit_default(dest=args.dest, cv_dir=run.parent if source == "oof" else None)
+        described = shipped.replace(provenance={**shipped.provenance, "shift": {"threshold": shift["threshold"], "stats": shift}},
+                                    sha256=shipped.sha256)
+        atomic_write_text(args.dest / "MODEL_CARD.md", render_model_card(described, data_card=Path(root) if root else None))
         export_default_onnx(args.dest)
-        log.info("shipped %s (%d bytes): %s", f, f.stat().st_size, summary["val_metrics"])
+        log.info("shipped %s (%d bytes, sha256 %s): %s", f, f.stat().st_size, shipped.sha256, shipped.val_metrics)
     except PneumoscanError as e:
         log.error("error: %s", e)
         return 1

@@ -142,6 +142,9 @@ def render_model_card(
                 f"class balance {cfg.get('class_balance', '?')}"
                 + (f"; {np.mean(epoch_times):.1f} s per epoch on average" if epoch_times else ""))
     val_source = str(dcfg.get("val_source", "?"))
+    if bundle.provenance.get("cv"):  # trained on every image (train --folds K --refit)
+        val_source = (f"the pooled out-of-fold predictions of the cross-validation (the run itself trained on every image; "
+                      f"`{val_source}` was only monitored)")
     data_used = ((f"folder `{Path(root).name}`, training split `{dcfg.get('train_split', 'train')}`" if root else "unknown")
                  + f"; validation: {_portable(val_source, run_dir)}"
                  + (f" ({100 * float(dcfg.get('val_fraction', 0)):.0f}% of training patients held out, grouped by patient)"
