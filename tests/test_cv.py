@@ -262,3 +262,54 @@ def test_ema_weights_are_validated_checkpointed_and_resumed(tmp_path: Path, xray
     (run / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
     assert cli("train", "--resume", run).code == 0
     assert load_bundle(run / "last.pt").training["ema_steps"] == 2 * steps
+
+
+# ----------------------------------------------------------------------------- pneumoscan train --folds K --refit
+def test_refit_trains_on_every_image_and_calibrates_on_out_of_fold_logits(
+    cv_run: Path, tmp_path: Path, xray_dir: Path, cli: Callable[..., CliResult],
+) -> None:
+    import numpy as np
+
+    from pneumoscan.core.calibration import fit_operating_point
+    from pneumoscan.workflows.cv_summary import read_oof
+
+    out = Path(shutil.copytree(cv_run, tmp_path / "cv"))
+    folds = {k: _sha(out / f"fold-{k}" / "best.pt") for k in (1, 2)}
+    r = cli("train", "--folds", "2", "--data", xray_dir, *TINY, "--out", out, "--refit")
+    assert r.code == 0, r.err
+    assert "fold 1/2: finished, skipped" in r.err and "final model" in r.err
+    assert {k: _sha(out / f"fold-{k}" / "best.pt") for k in (1, 2)} == folds  # the folds are not retrained
+    final = out / "final"
+    train = read_manifest(final / "split_train.csv")
+    everything = sorted(str(Path(s.path).resolve()) for s in load_samples(xray_dir, "train"))
+    assert sorted(s.path for s in train) == everything  # every training image, none held out
+    cfg = TrainConfig.from_yaml(final / "config.yaml")
+    assert cfg.data.val_source == "official" and cfg.min_epoch_for_best == cfg.epochs == 1
+    b = load_bundle(final / "best.pt")
+    table = read_oof(out / "cv" / "oof.csv")
+    op = fit_operating_point(table.logits, table.labels, "youden", 0.95)
+    assert b.threshold == pytest.approx(op.threshold) and b.temperature == pytest.approx(op.temperature)
+    assert np.allclose(b.provenance["val_logits"], table.logits) and b.provenance["val_logits_source"] == "cv-oof"
+    cal = b.provenance["calibration"]
+    assert cal["source"] == "cv-oof" and cal["n"] == 32 and cal["sha256"] == _sha(out / "cv" / "oof.csv")
+    assert b.provenance["cv"]["folds"] == 2 and len(b.provenance["cv"]["per_fold"]) == 2
+    card = (final / "MODEL_CARD.md").read_text(encoding="utf-8")
+    assert "## Cross-validation" in card and "mean ± sd" in card and "out-of-fold" in card
+    assert str(tmp_path) not in card
+    assert json.loads((out / "cv" / "final.json").read_text(encoding="utf-8"))["sha256"] == _sha(final / "best.pt")
+    # its distribution-shift detector: the threshold percentile comes from a fold's held-out images
+    from pneumoscan.workflows.shift_fit import fit_refit_detector
+
+    det = fit_refit_detector(b, out, fold=1, batch_size=8)
+    assert det.stats["n_train"] == 32 and det.stats["rule"].startswith("train-p") and np.isfinite(det.threshold)
+    assert det.stats["val_flag_rate"] <= 0.0625 + 1e-9 and det.stats["n_val"] == 16  # 1 of 16 held-out images at most
+    assert "fold 1" in det.stats["note"]
+    # the same command again trains nothing
+    again = cli("train", "--folds", "2", "--data", xray_dir, *TINY, "--out", out, "--refit")
+    assert again.code == 0 and "final model: finished, skipped" in again.err
+    assert json.loads((out / "cv" / "final.json").read_text(encoding="utf-8"))["sha256"] == _sha(final / "best.pt")
+
+
+def test_refit_without_folds_is_one_error_line(tmp_path: Path, xray_dir: Path, cli: Callable[..., CliResult]) -> None:
+    r = cli("train", "--data", xray_dir, *TINY, "--out", tmp_path / "run", "--refit")
+    assert r.code == 1 and r.err_lines == ["error: --refit needs --folds K (it refits a cross-validated recipe on every image)"]

@@ -133,15 +133,16 @@ def test_evaluate_accepts_a_csv_manifest(tiny_run: Path, tmp_path: Path, cli: Ca
     n_val = sum(1 for _ in open(tiny_run / "split_val.csv")) - 1
     assert out["at_operating_threshold"]["n"] == n_val
     m = json.loads((tmp_path / "r" / "metrics.json").read_text())
-    # the run's own validation split: the training-overlap check finds no leaked image
-    assert m["training_overlap"] == {"images": 0, "patients": 0}
+    # the run's own validation split: no training image, but every one fixed the operating point
+    ov = m["training_overlap"]
+    assert (ov["images"], ov["train"], ov["calibration"]) == (n_val, 0, n_val) and len(ov["files"]) == n_val
 
 
 def test_evaluate_warns_when_the_data_were_trained_on(tiny_run: Path, xray_dir: Path, tmp_path: Path, cli: Callable[..., CliResult]) -> None:
     r = cli("evaluate", "--data", xray_dir, "--split", "train", "--checkpoint", tiny_run, "--out", tmp_path / "r",
             "--bootstrap", "1000", "--no-summary")
     assert r.code == 0, r.err
-    assert "used to train the model" in r.err
+    assert "were among this model's training/calibration images" in r.err
     assert "Warning:" in (tmp_path / "r" / "report.md").read_text()
 
 

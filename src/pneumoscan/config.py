@@ -32,6 +32,9 @@ class DataConfig:
         limit: use at most this many training images (smoke tests), 0 = all.
         columns: a CSV manifest's own column names, ``"path=filename,label=target"`` (empty:
             the manifest uses ``path``, ``label``, ``patient_id``, ``split``).
+        card: a data card file (YAML, or Markdown with front matter: name, source, licence,
+            citation, population) for the model card; empty: the data folder's data card or
+            README (:func:`~pneumoscan.evaluation.data_card.load_data_card`).
     """
 
     root: str = ""
@@ -43,6 +46,7 @@ class DataConfig:
     num_workers: int = 0
     limit: int = 0
     columns: str = ""
+    card: str = ""
 
 
 @dataclass

@@ -31,13 +31,15 @@ def _positive_resamples(value: str) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from ..core.metrics import format_value
     from ..evaluation.evaluate import evaluate_model
+    from ..evaluation.summaries import overlap_line
 
     r = evaluate_model(
         args.data, args.out, args.checkpoint, split=args.split, n_resamples=args.bootstrap, seed=args.seed,
         device=args.device, batch_size=args.batch_size, summary=not args.no_summary, columns=args.columns,
     )
     if args.json:
-        print(json.dumps({k: r[k] for k in ("model", "threshold", "temperature", "at_operating_threshold", "at_0.5")}, indent=2))
+        keys = ("model", "threshold", "temperature", "at_operating_threshold", "at_0.5", "training_overlap")
+        print(json.dumps({k: r[k] for k in keys}, indent=2))
         return 0
     op = r["at_operating_threshold"]
     print(f"{r['model']} on {op['n']} images (NORMAL {op['n_per_class']['NORMAL']}, PNEUMONIA {op['n_per_class']['PNEUMONIA']})"
@@ -45,6 +47,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"{'metric':<14}{'at threshold ' + format(r['threshold'], '.3f'):<28}{'at 0.5':<28}")
     for k in ("roc_auc", "pr_auc", "accuracy", "sensitivity", "specificity", "precision", "npv", "f1", "brier", "ece"):
         print(f"{k:<14}{format_value(op[k]):<28}{format_value(r['at_0.5'][k]):<28}")
+    if r["training_overlap"] and r["training_overlap"]["images"]:
+        print(f"warning: {overlap_line(r['training_overlap'], r['n_images'])}")
     print(f"report: {Path(args.out) / 'report.html'}")
     return 0
 

@@ -106,6 +106,17 @@ def run_summary(counts: Mapping[str, int], seconds: float) -> str:
     return f"{counts['ok']} predicted ({counts['pneumonia']} PNEUMONIA), {counts['refused']} refused, {failed} failed; {rate}"
 
 
+def seen_summary(n_seen: int, n_inputs: int) -> str:
+    """The line saying how many inputs the model was trained or calibrated on.
+
+    Args:
+        n_seen: inputs recognised as the model's training or calibration images.
+        n_inputs: all inputs.
+    """
+    return (f"{n_seen} of {n_inputs} input{'s' if n_inputs != 1 else ''} {'were' if n_seen != 1 else 'was'} among this model's "
+            "training/calibration images: their results say nothing about its performance")
+
+
 def _build_predictor(args: argparse.Namespace) -> Predictor:
     from ..inference import load_predictor
 
@@ -148,13 +159,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     show_bar = not args.no_progress and len(entries) >= PROGRESS_MIN_FILES and sys.stderr.isatty()
     bar = tqdm(total=len(entries), file=sys.stderr, unit="img", disable=not show_bar, leave=False)
     writer = _Writer(args.format, stream, max(len(safe_text(p, CELL_LIMIT)) for p, _ in entries), bar, heatmaps=heat_dir is not None)
-    counts = {"ok": 0, "pneumonia": 0, "refused": 0, "error": 0}
+    counts = {"ok": 0, "pneumonia": 0, "refused": 0, "error": 0, "seen": 0}
     t0 = time.perf_counter()
     writer.header()
 
     def report(pred: Prediction) -> None:
         counts[pred.status] += 1
         counts["pneumonia"] += pred.label == "PNEUMONIA"
+        counts["seen"] += "seen_as" in pred.extra
         writer.row(pred)
         if pred.error is not None and args.format != "table":
             log.error("%s: %s", pred.path, pred.error)
@@ -175,6 +187,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             report(next(stream_preds))
     bar.close()
     log.info("%s", run_summary(counts, time.perf_counter() - t0))
+    if counts["seen"]:
+        log.warning("warning: %s", seen_summary(counts["seen"], len(entries)))
     if dicom_out is not None:
         log.info("%d DICOM secondary capture(s) written to %s (one per DICOM input)", len(dicom_out.files), dicom_out.out_dir)
     if heat_failures:

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import PneumoscanError
+from ..errors import DataError, PneumoscanError
 
 if TYPE_CHECKING:
     from ..config import TrainConfig
@@ -40,7 +40,7 @@ def build_train_config(args: argparse.Namespace) -> TrainConfig:
         "device": args.device, "data.val_source": args.val_source, "data.val_fraction": args.val_fraction,
         "seed": args.seed, "data.num_workers": args.workers, "data.limit": args.limit,
         "threshold_method": args.threshold_method, "early_stopping_patience": args.patience,
-        "class_balance": args.class_balance, "data.columns": args.columns,
+        "class_balance": args.class_balance, "data.columns": args.columns, "data.card": args.data_card,
     }
     over = {k: v for k, v in flags.items() if v is not None}
     if args.freeze_backbone:
@@ -58,6 +58,12 @@ def build_train_config(args: argparse.Namespace) -> TrainConfig:
         over[k.strip()] = v
     cfg = cfg.override(over)
     cfg.validate()
+    if cfg.data.card:  # a missing or malformed card: one error now, not after training
+        from ..evaluation.data_card import load_data_card
+
+        if not Path(cfg.data.card).is_file():
+            raise DataError(f"data card not found: {cfg.data.card}")
+        load_data_card(cfg.data.card)
     return cfg
 
 
@@ -67,17 +73,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     if args.resume:
         if is_cv_run(args.resume):
-            return _report_cv(cross_validate(None, args.resume, resume=True))
+            return _report_cv(cross_validate(None, args.resume, resume=True, refit=args.refit))
         summary = train(None, args.resume, resume=True)
     else:
         if not args.out:
             raise PneumoscanError("train needs --out RUN_DIR (or --resume RUN_DIR)")
         if args.folds is not None and args.folds < 2:
             raise PneumoscanError(f"--folds must be >= 2, got {args.folds}")
+        if args.refit and args.folds is None:
+            raise PneumoscanError("--refit needs --folds K (it refits a cross-validated recipe on every image)")
         cfg = build_train_config(args)
         out = Path(args.out)
         if args.folds is not None:
-            return _report_cv(cross_validate(cfg, out, args.folds, overwrite=args.overwrite))
+            return _report_cv(cross_validate(cfg, out, args.folds, overwrite=args.overwrite, refit=args.refit))
         if ((out / "last.pt").exists() or is_cv_run(out)) and not args.overwrite:
             raise PneumoscanError(f"{out} already holds a run; use --resume {out} to continue it or --overwrite to start again")
         summary = train(cfg, out)
@@ -94,6 +102,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _report_cv(summary: dict) -> int:
     """Log the one-line result of a cross-validation (rank 0)."""
+    if summary.get("final"):
+        f = summary["final"]
+        log.info("final model: %s (sha256 %s) — threshold %.3f, temperature %.3f from the out-of-fold predictions",
+                 f["path"], f["sha256"][:12], f["threshold"], f["temperature"])
     if summary.get("oof"):
         op, auc = summary["oof"]["operating_point"], summary["mean_sd"]["roc_auc"]
         log.info(
@@ -114,6 +126,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               "Settings: --preset or --config FILE.yaml, then flags, then --set key=value (e.g. --set optim.scheduler=cosine).")
     p.add_argument("--data", help="dataset folder (ROOT/{train,val}/{NORMAL,PNEUMONIA}) or CSV manifest")
     p.add_argument("--columns", metavar="NAME=COLUMN,...", help="a CSV manifest's own column names, e.g. path=filename,label=target (names: path, label, patient_id, split)")
+    p.add_argument("--data-card", metavar="FILE", help="data card for the model card (YAML, or Markdown with front matter: "
+                   "name, source, license, citation, population); default: the data folder's data card or README")
     p.add_argument("--model", help="registered model name (see 'pneumoscan models')")
     p.add_argument("--out", help="run directory")
     p.add_argument("--config", help="YAML config file")
@@ -122,6 +136,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--folds", type=int, nargs="?", const=5, metavar="K",
                    help="patient-grouped K-fold cross-validation of the training data (K >= 2; 5 when --folds is given without a "
                         "value): one run per fold in OUT/fold-<k>/, out-of-fold predictions and summary in OUT/cv/")
+    p.add_argument("--refit", action="store_true",
+                   help="with --folds: then train the recipe once more on every training image (OUT/final/), calibrated on the "
+                        "out-of-fold predictions: the model to ship")
     p.add_argument("--overwrite", action="store_true", help="start again in a run directory that holds a run")
     p.add_argument("--epochs", type=int)
     p.add_argument("--lr", type=float)

@@ -189,7 +189,7 @@ class DecodePool:
             return sorted(w.pid for w in self._live)
 
     def decode(self, data: bytes, name: str, *, max_side: int | None, formats: Collection[str] | None,
-               timeout_s: float, max_memory: int) -> tuple[np.ndarray, dict[str, Any]]:
+               timeout_s: float, max_memory: int, digest: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
         """:func:`~pneumoscan.data.io.decode_image` in a worker, killed when it takes longer than
         ``timeout_s`` seconds (waiting for a free worker not counted).
 
@@ -200,13 +200,15 @@ class DecodePool:
             formats: as for :func:`~pneumoscan.data.io.read_image`.
             timeout_s: wall-clock limit of the decode, sending and receiving included.
             max_memory: address space the worker may add, for this task, to what it holds.
+            digest: also give the content digests in the metadata (see
+                :func:`~pneumoscan.data.io.decode_image`).
 
         Raises:
             ImageReadError: as :func:`~pneumoscan.data.io.decode_image`, or the worker overran,
                 died, answered nonsense or could not be started.
         """
         task = {"name": name, "max_side": max_side, "formats": None if formats is None else sorted(formats),
-                "timeout_s": timeout_s, "max_memory": int(max_memory)}
+                "timeout_s": timeout_s, "max_memory": int(max_memory), "digest": bool(digest)}
         worker = self._acquire(name)
         try:
             return self._exchange(worker, task, data, name, timeout_s)

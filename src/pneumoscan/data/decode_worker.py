@@ -160,7 +160,7 @@ def _decode_task(task: dict[str, Any], data: bytes) -> tuple[dict[str, Any], np.
     limit = f"(limit {max(1, round(int(task['max_memory']) / (1 << 20)))} MB)"
     with _task_limits(float(task["timeout_s"]), int(task["max_memory"])):
         try:
-            arr, meta = decode_image(data, name, max_side=task["max_side"], formats=task["formats"])
+            arr, meta = decode_image(data, name, max_side=task["max_side"], formats=task["formats"], digest=bool(task.get("digest")))
             arr = np.ascontiguousarray(arr, dtype=np.float32)
             answer: dict[str, Any] = {"ok": True, "shape": list(arr.shape), "meta": meta}
         except ImageReadError as e:  # the readers turn an allocation failure into ImageTooLargeError

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from ..core.fingerprint import PIXEL_KEY, pixel_digest
 from ..errors import ImageReadError, ImageTooLargeError, UnsupportedFormatError
 from ..utils.text import safe_text
 from .formats import check_jpeg
@@ -147,13 +148,15 @@ def _check_compressed_frame(ds: Any, name: str) -> None:
         check_jpeg(bytes(frame), name)
 
 
-def read_dicom(data: bytes, name: str, max_side: int | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+def read_dicom(data: bytes, name: str, max_side: int | None = None, digest: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
     """Decode the image of a single-frame DICOM file (see :func:`pneumoscan.data.io.read_image_with_meta`).
 
     Args:
         data: the whole file (with or without the Part-10 preamble).
         name: the name used in error messages.
         max_side: reduce to about this side after decoding; ``None``: full size.
+        digest: also give the pixel digest of the full-resolution image in the metadata
+            (:data:`~pneumoscan.core.fingerprint.PIXEL_KEY`).
 
     Raises:
         ImageReadError: and its subclasses UnsupportedFormatError, ImageTooLargeError.
@@ -250,6 +253,7 @@ def read_dicom(data: bytes, name: str, max_side: int | None = None) -> tuple[np.
         except Exception as e:  # noqa: BLE001
             raise ImageReadError(name, f"invalid DICOM LUT/window or pixel layout ({e.__class__.__name__}: {safe_text(e, 80)})") from e
         del ds
+        full_digest = pixel_digest(out).hex() if digest and out.ndim == 2 and out.size else None
         out = reduce_image(out, max_side)
     if out.ndim != 2 or out.size == 0:
         raise ImageReadError(name, f"unexpected DICOM pixel array shape {tuple(out.shape)}")
@@ -263,6 +267,8 @@ def read_dicom(data: bytes, name: str, max_side: int | None = None) -> tuple[np.
         "body_part": h["body_part"],
         "identifiers": h["identifiers"],
     }
+    if digest:
+        meta[PIXEL_KEY] = full_digest
     return out, meta
 
 

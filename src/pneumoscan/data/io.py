@@ -27,6 +27,7 @@ from typing import IO, Any, Collection, Union
 
 import numpy as np
 
+from ..core.fingerprint import FILE_KEY, file_digest
 from ..errors import ImageReadError, ImageTooLargeError, UnsupportedFormatError
 from .dicom_reader import read_dicom
 from .formats import ACCEPTED_FORMATS, sniff_format
@@ -146,7 +147,8 @@ def read_image(
 
 
 def read_image_with_meta(
-    source: ImageSource, *, max_side: int | None = None, name: str | None = None, formats: Collection[str] | None = None
+    source: ImageSource, *, max_side: int | None = None, name: str | None = None, formats: Collection[str] | None = None,
+    digest: bool = False,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Like :func:`read_image`, also returning metadata.
 
@@ -160,13 +162,14 @@ def read_image_with_meta(
         max_side: as for :func:`read_image`.
         name: the name used in error messages (defaults to the path).
         formats: as for :func:`read_image`.
+        digest: also give the content digests (see :func:`decode_image`).
     """
     nm = name_of(source, name)
-    return decode_image(read_bytes(source, nm), nm, max_side=max_side, formats=formats)
+    return decode_image(read_bytes(source, nm), nm, max_side=max_side, formats=formats, digest=digest)
 
 
 def decode_image(
-    data: bytes, name: str, *, max_side: int | None = None, formats: Collection[str] | None = None
+    data: bytes, name: str, *, max_side: int | None = None, formats: Collection[str] | None = None, digest: bool = False,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Decode a whole file already in memory (what :func:`read_image_with_meta` does after
     reading the bytes; :func:`~pneumoscan.data.isolated.decode_isolated` runs it in a worker).
@@ -176,10 +179,23 @@ def decode_image(
         name: the name used in error messages.
         max_side: as for :func:`read_image`.
         formats: as for :func:`read_image`.
+        digest: also put the content digests of :mod:`pneumoscan.core.fingerprint` in the
+            metadata, as hex: ``file_sha256`` (the bytes) and ``pixel_sha256`` (the pixels at
+            full resolution, hashed while decoding; ``None`` when a JPEG was decoded at reduced
+            size only).
 
     Raises:
         ImageReadError: and its subclasses UnsupportedFormatError, ImageTooLargeError.
     """
+    arr, meta = _decode(data, name, max_side, formats, digest)
+    if digest:
+        meta[FILE_KEY] = file_digest(data).hex()
+    return arr, meta
+
+
+def _decode(
+    data: bytes, name: str, max_side: int | None, formats: Collection[str] | None, digest: bool,
+) -> tuple[np.ndarray, dict[str, Any]]:
     if len(data) == 0:
         raise ImageReadError(name, "empty file (0 bytes)")
     fmt = sniff_format(data)
@@ -190,5 +206,5 @@ def decode_image(
     if fmt not in allowed:
         raise UnsupportedFormatError(name, f"{fmt} images are not accepted here ({', '.join(sorted(allowed))} expected)")
     if fmt == "DICOM":
-        return read_dicom(data, name, max_side)
-    return read_pil(data, name, max_side, fmt)
+        return read_dicom(data, name, max_side, digest)
+    return read_pil(data, name, max_side, fmt, digest)

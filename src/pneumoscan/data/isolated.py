@@ -14,6 +14,7 @@ from typing import Any, Collection
 
 import numpy as np
 
+from ..core.fingerprint import DIGEST_BYTES, FILE_KEY, PIXEL_KEY, file_digest
 from .decode_pool import default_pool
 from .io import ImageSource, name_of, read_bytes
 from .limits import DECODE_MEMORY, DECODE_TIMEOUT_S
@@ -29,6 +30,7 @@ def decode_isolated(
     formats: Collection[str] | None = None,
     timeout_s: float = DECODE_TIMEOUT_S,
     max_memory: int = DECODE_MEMORY,
+    digest: bool = False,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """:func:`~pneumoscan.data.io.read_image_with_meta` in a worker process that is killed
     when it takes longer than ``timeout_s`` seconds or tries to allocate more than
@@ -49,6 +51,8 @@ def decode_isolated(
             free worker, nor starting one).
         max_memory: address space the worker may add to what it holds when the task starts
             (its interpreter and the file's bytes), in bytes.
+        digest: also give the content digests in the metadata (see
+            :func:`~pneumoscan.data.io.decode_image`).
 
     Raises:
         ImageReadError: as :func:`~pneumoscan.data.io.read_image` (same subclass and reason),
@@ -57,8 +61,13 @@ def decode_isolated(
     """
     nm = name_of(source, name)
     data = read_bytes(source, nm)
-    return default_pool().decode(data, nm, max_side=max_side, formats=formats, timeout_s=timeout_s,
-                                 max_memory=max_memory)
+    arr, meta = default_pool().decode(data, nm, max_side=max_side, formats=formats, timeout_s=timeout_s,
+                                      max_memory=max_memory, digest=digest)
+    if digest:  # the file's digest from the bytes here; the worker's pixel digest only if well-formed
+        px = meta.get(PIXEL_KEY)
+        meta[PIXEL_KEY] = px if isinstance(px, str) and len(px) == 2 * DIGEST_BYTES and all(c in "0123456789abcdef" for c in px) else None
+        meta[FILE_KEY] = file_digest(data).hex()
+    return arr, meta
 
 
 def start_decoders() -> None:

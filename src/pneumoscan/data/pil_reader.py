@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 from PIL import Image, ImageFile
 
+from ..core.fingerprint import PIXEL_KEY, PixelHasher, pixel_digest
 from ..errors import ImageReadError, ImageTooLargeError
 from ..utils.text import safe_text
 from .formats import JpegInfo, check_jpeg, count_frames
@@ -166,7 +167,7 @@ def _decode_cost(fmt: str, mode: str, w: int, h: int, k: int, jpeg: JpegInfo | N
     return cost + 4 * px // (k * k)
 
 
-def read_pil(data: bytes, name: str, max_side: int | None, fmt: str) -> tuple[np.ndarray, dict[str, Any]]:
+def read_pil(data: bytes, name: str, max_side: int | None, fmt: str, digest: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
     """Decode an image file Pillow reads (see :func:`pneumoscan.data.io.read_image_with_meta`).
 
     Args:
@@ -175,6 +176,9 @@ def read_pil(data: bytes, name: str, max_side: int | None, fmt: str) -> tuple[np
         max_side: decode (JPEG draft mode) or reduce to about this side; ``None``: full size.
         fmt: the format :func:`~pneumoscan.data.formats.sniff_format` found; only that
             Pillow plugin parses the bytes.
+        digest: also give the pixel digest of the full-resolution image in the metadata
+            (:data:`~pneumoscan.core.fingerprint.PIXEL_KEY`; ``None`` when a JPEG was decoded
+            at reduced size only).
 
     Raises:
         ImageReadError: and its subclass ImageTooLargeError.
@@ -208,7 +212,8 @@ def read_pil(data: bytes, name: str, max_side: int | None, fmt: str) -> tuple[np
                 img.seek(0)  # first frame of animated images
                 img.load()
                 orientation = _orientation(img)
-                arr, bits, colour = _convert(img, k)
+                hasher = PixelHasher(h, w) if digest and k > 1 and orientation == 1 and (w, h) == original_size else None
+                arr, bits, colour = _convert(img, k, hasher)
             mode = img.mode
             img.close()
             del img
@@ -228,11 +233,16 @@ def read_pil(data: bytes, name: str, max_side: int | None, fmt: str) -> tuple[np
         raise ImageReadError(name, f"cannot decode image ({safe_text(msg, 120)})") from e
     except MemoryError as e:
         raise ImageTooLargeError(name, "image too large to decode in memory") from e
+    full = (w, h) == original_size  # not decoded at reduced size (JPEG draft mode)
     if orientation in _ORIENT:
         arr = np.ascontiguousarray(_ORIENT[orientation](arr))
         if orientation >= 5:
             original_size = original_size[::-1]
-    return arr, {"format": pil_format, "mode": mode, "bits": bits, "original_size": original_size, **colour}
+    meta = {"format": pil_format, "mode": mode, "bits": bits, "original_size": original_size, **colour}
+    if digest:  # the full-resolution pixels as displayed: hashed while reducing, or the result itself
+        found = hasher.digest() if hasher is not None else pixel_digest(arr) if full and k == 1 else None
+        meta[PIXEL_KEY] = None if found is None else found.hex()
+    return arr, meta
 
 
 def _orientation(img: Image.Image) -> int:
@@ -274,9 +284,10 @@ def _grey_converter(img: Image.Image) -> tuple[Callable[[Image.Image], np.ndarra
     return to_grey, 8
 
 
-def _convert(img: Image.Image, k: int) -> tuple[np.ndarray, int, dict[str, Any]]:
+def _convert(img: Image.Image, k: int, hasher: PixelHasher | None = None) -> tuple[np.ndarray, int, dict[str, Any]]:
     """Greyscale float32 in [0, 1], reduced by ``k``, with its bit depth and the colour
-    statistics, computed band by band (a few MB of temporaries for any image size)."""
+    statistics, computed band by band (a few MB of temporaries for any image size); each
+    full-resolution band goes to ``hasher`` first, when given."""
     w, h = img.size
     to_grey, bits = _grey_converter(img)
     colourful = img.mode in _COLOUR_MODES
@@ -289,7 +300,10 @@ def _convert(img: Image.Image, k: int) -> tuple[np.ndarray, int, dict[str, Any]]
             band = img.crop((0, y, w, min(h, y + rows)))
             if colourful:
                 _add_chroma(band, step, chroma)
-            yield y, _reduce(to_grey(band), k)
+            grey = to_grey(band)
+            if hasher is not None:
+                hasher.update(grey)
+            yield y, _reduce(grey, k)
 
     arr = _assemble(bands(), (h, w), k)
     return arr, bits, _colour_stats(chroma)

@@ -7,7 +7,8 @@ Files written (each atomically):
   warnings of small classes per section), at the model's operating threshold and at 0.5; the
   threshold table (sensitivity, specificity, PPV, NPV at 0.1 … 0.9, the stored threshold and
   the thresholds reaching sensitivity 0.90/0.95/0.98 on these data); calibration before/after
-  temperature scaling;
+  temperature scaling; ``training_overlap``: the images the model was trained or calibrated on,
+  found by content (:func:`training_overlap`), also listed in the report;
 - ``predictions.csv`` — ``path, true_label, probability, predicted_label, error, shift_score,
   warnings`` (a flagged image's warning: unlike the images the model was validated on);
 - ``confusion_matrix.png``, ``roc.png`` (operating point, 0.5 and the table's thresholds
@@ -39,9 +40,10 @@ from ..core.calibration import calibration_summary, logit, sigmoid
 from ..core.labels import CLASS_NAMES
 from ..core.metrics import DEFAULT_RESAMPLES, bootstrap_metrics, expected_calibration_error
 from ..data.datasets import Sample, load_samples, read_manifest
+from ..data.fingerprints import ROLES
 from ..errors import DataError, PneumoscanError
 from ..utils.io import atomic_write_text
-from .summaries import HIGH_SHIFT_SHARE, candidate_thresholds, interval_summary, most_confident_errors, threshold_row
+from .summaries import HIGH_SHIFT_SHARE, candidate_thresholds, interval_summary, most_confident_errors, overlap_line, threshold_row
 
 if TYPE_CHECKING:
     from ..inference import Predictor
@@ -76,32 +78,25 @@ def resolve_samples(data: str | Path, split: str | None, columns: str | dict[str
     return load_samples(p, split), None
 
 
-def training_overlap(bundle: ModelBundle, samples: Sequence[Sample]) -> dict[str, int] | None:
-    """Images and patients of ``samples`` that the bundle's run trained on, when the run's
-    ``split_train.csv`` sits beside the bundle file (a leakage check).
+def training_overlap(predictor: Predictor, rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The evaluated images that the model was trained or calibrated on, found by content
+    (file or pixel digests, whatever their names: :mod:`pneumoscan.data.fingerprints`), as the
+    predictor flagged them.
 
     Args:
-        bundle: the model (its ``path`` locates the run directory).
-        samples: the images being evaluated.
+        predictor: the predictor that scored them (its ``seen`` record).
+        rows: rows of :func:`predict_samples`.
 
     Returns:
-        ``{"images": int, "patients": int}``, or ``None`` when the training split is unknown.
+        ``images`` (how many), ``train`` and ``calibration`` (how many of each), ``files`` (each
+        ``{"path", "role"}``); ``None`` when the model carries no record of its images (an older
+        bundle).
     """
-    if bundle.path is None:
+    if predictor.seen is None:
         return None
-    train_csv = Path(bundle.path).parent / "split_train.csv"
-    if not train_csv.is_file():
-        return None
-    try:
-        train = read_manifest(train_csv)
-    except PneumoscanError:
-        return None
-    tr_paths = {str(Path(s.path).resolve()) for s in train}
-    tr_patients = {s.patient for s in train}
-    return {
-        "images": sum(1 for s in samples if str(Path(s.path).resolve()) in tr_paths),
-        "patients": len({s.patient for s in samples} & tr_patients),
-    }
+    flagged = [r for r in rows if r.get("seen_as")]
+    return {"images": len(flagged), **{role: sum(1 for r in flagged if r["seen_as"] == role) for role in ROLES},
+            "files": [{"path": str(r["path"]), "role": r["seen_as"]} for r in flagged]}
 
 
 def run_history(bundle: ModelBundle) -> list[dict[str, Any]]:
@@ -175,7 +170,8 @@ def predict_samples(predictor: Predictor, samples: Sequence[Sample]) -> tuple[li
 
     Returns:
         One dict per sample (``path``, ``true_label``, ``label``, ``probability``,
-        ``predicted_label``, ``error``, ``shift_score``, ``warnings``) and the elapsed seconds.
+        ``predicted_label``, ``error``, ``shift_score``, ``warnings``, ``seen_as``: ``"train"`` or
+        ``"calibration"`` for an image the model was built on) and the elapsed seconds.
     """
     t0 = time.perf_counter()
     preds = list(predictor.predict_paths([s.path for s in samples]))
@@ -185,6 +181,7 @@ def predict_samples(predictor: Predictor, samples: Sequence[Sample]) -> tuple[li
         rows.append({
             "path": s.path, "true_label": CLASS_NAMES[s.label], "label": s.label, "probability": pr.probability,
             "predicted_label": pr.label, "error": pr.error, "shift_score": pr.extra.get("shift_score"), "warnings": list(pr.warnings),
+            "seen_as": pr.extra.get("seen_as"),
         })
     return rows, elapsed
 
@@ -327,11 +324,10 @@ def evaluate_model(
     predictor = load_predictor(checkpoint, backend="torch", device=device, batch_size=batch_size, guard=False)  # every image counts
     bundle = predictor.bundle
     log.info("evaluating %s on %d images of %s%s", bundle.name, len(samples), data, f" (split {used_split})" if used_split else "")
-    overlap = training_overlap(bundle, samples)
-    if overlap and (overlap["images"] or overlap["patients"]):
-        log.warning("warning: %d image(s) / %d patient(s) of this data set were used to train the model: the figures are optimistic",
-                    overlap["images"], overlap["patients"])
     rows, elapsed = predict_samples(predictor, samples)
+    overlap = training_overlap(predictor, rows)
+    if overlap and overlap["images"]:
+        log.warning("warning: %s", overlap_line(overlap, len(rows)))
     failed = [r for r in rows if r["probability"] is None]
     for r in failed:
         log.warning("skipped %s: %s", r["path"], r["error"])

@@ -216,7 +216,8 @@ def site_calibrate(
     n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0, batch_size: int = 16, device: str = "cpu",
 ) -> SiteCalibration:
     """Fit temperature and threshold on a site's labelled images (the PyTorch model, fp32, the
-    reader and preprocessing of ``predict``).
+    reader and preprocessing of ``predict``); the images used are added to the model's record of
+    its calibration images (:mod:`pneumoscan.models.seen`).
 
     Args:
         bundle: the model; not modified.
@@ -240,6 +241,7 @@ def site_calibrate(
     """
     from ..inference import load_predictor
     from ..inference.features import default_layer, forward_files
+    from ..models.seen import record_seen_images
     from .evaluate import resolve_samples
 
     check_threshold_rule(method, target_sensitivity)
@@ -268,6 +270,7 @@ def site_calibrate(
                                          "threshold_method": bundle.threshold_method, "val_metrics": dict(bundle.val_metrics)}}}
     new = bundle.replace(threshold=op.threshold, temperature=op.temperature, threshold_method=method, val_metrics=op.val_metrics,
                          provenance=prov)
+    new = record_seen_images(new, calibration=[s.path for s in kept])  # predict/evaluate recognise them from now on
     det = _refit_shift(fs.features, kept, layer, str(data), seed) if layer else None
     new = _keep_detector(bundle, new, det)
     return SiteCalibration(new, desc, before, after, small_site_warnings(counts, method, target_sensitivity),

@@ -19,7 +19,8 @@ from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescap
 
 from ..core.intervals import CI_METHODS
 from ..core.metrics import METRIC_KEYS, METRIC_LABELS, format_value
-from .summaries import HIGH_SHIFT_SHARE, TABLE_METRICS
+from ..data.fingerprints import ROLE_WORDS
+from .summaries import HIGH_SHIFT_SHARE, TABLE_METRICS, overlap_line
 
 #: Columns of the model table of a comparison.
 COMPARE_METRICS = ("roc_auc", "pr_auc", "sensitivity", "specificity", "accuracy", "precision", "f1", "brier", "ece")
@@ -119,6 +120,7 @@ def _report_view(ctx: dict[str, Any]) -> dict[str, Any]:
         "error_header": ["error", "file", "probability of PNEUMONIA"],
         "error_rows": [[kind, Path(e["path"]).name, f"{e['probability']:.3f}"] for key, kind in _ERROR_KINDS for e in errors[key]],
         "failed": [[f["path"], f["error"]] for f in ctx["failed"]],
+        "seen": [[f["path"], ROLE_WORDS.get(f["role"], f["role"])] for f in (r.get("training_overlap") or {}).get("files") or []],
         "summary": None if not s else {
             "header": _SUMMARY_HEADER, "rows": _summary_rows(s), "duplicates": s["duplicates"],
             "patients_shared": list(s["patients_shared_between_splits"].items()),
@@ -167,13 +169,12 @@ def _shift_line(sh: dict[str, Any]) -> str:
 
 
 def _warnings(r: dict[str, Any]) -> list[str]:
-    """What a reader must see first, each once: training-set overlap, small or missing classes
+    """What a reader must see first, each once: images the model was built on, small or missing classes
     and collapsed bootstrap intervals (the sections' ``warnings``), unreadable files."""
     out: list[str] = []
     ov = r.get("training_overlap")
-    if ov and (ov["images"] or ov["patients"]):
-        out.append(f"{ov['images']} image(s) and {ov['patients']} patient(s) of this data set were in the model's training split: "
-                   "these figures are optimistic and not a held-out result.")
+    if ov and ov["images"]:
+        out.append(overlap_line(ov, r["n_images"]) + ".")
     for sec in (r["at_operating_threshold"], r["at_0.5"]):
         out += [w for w in sec.get("warnings") or [] if w not in out]
     if r["n_unreadable"]:

@@ -135,3 +135,16 @@ def most_confident_errors(rows: Sequence[Mapping[str, Any]], threshold: float, n
     fp = sorted((r for r in rows if r["label"] == 0 and r["probability"] >= threshold), key=lambda r: -r["probability"])
     fn = sorted((r for r in rows if r["label"] == 1 and r["probability"] < threshold), key=lambda r: r["probability"])
     return {"false_positives": fp[:n], "false_negatives": fn[:n]}
+
+
+def overlap_line(overlap: Mapping[str, Any], n_images: int) -> str:
+    """The warning of an evaluation on images the model was built on.
+
+    Args:
+        overlap: :func:`~pneumoscan.evaluation.evaluate.training_overlap` output (``images``,
+            ``train``, ``calibration``).
+        n_images: the images evaluated.
+    """
+    parts = [f"{overlap[k]} {w}" for k, w in (("train", "training"), ("calibration", "calibration")) if overlap.get(k)]
+    return (f"{overlap['images']} of {n_images} images of this data set were among this model's training/calibration images "
+            f"({', '.join(parts)}; listed in the report): these figures are optimistic and not a held-out result")

@@ -29,10 +29,13 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from ..core.calibration import sigmoid
+from ..core.fingerprint import pixel_digest
 from ..core.imaging import resize_float
+from ..data.fingerprints import ImageDigest, digest_from_meta, seen_warning
 from ..data.io import ImageSource, read_image, read_image_with_meta
 from ..data.preprocessing import Preprocessing, preprocess_arrays, preprocess_image
 from ..models.bundle import ModelBundle
+from ..models.seen import seen_images
 from .reading import decode_file, ordered_map
 from .records import DecodedImage, Prediction
 from .runners import Runner, TorchModelProvider
@@ -66,6 +69,10 @@ class Predictor:
         shift: the distribution-shift check (:class:`~pneumoscan.inference.shift.ShiftMonitor`)
             when the model has a detector and the runner gives its features, else ``None``
             (set it to ``None`` to turn the check off).
+        seen: the model's record of its training and calibration images
+            (:class:`~pneumoscan.data.fingerprints.SeenImages`), or ``None`` when it has none.
+            An answer on one of them carries a warning and ``extra["seen_as"]``
+            (``"train"`` or ``"calibration"``).
 
     Raises:
         CheckpointError: a malformed shift detector, or the default model's sidecar fails its
@@ -82,6 +89,7 @@ class Predictor:
         self.guard = _resolve_guard(guard)
         self.read_workers = min(4, os.cpu_count() or 1)
         self.shift = ShiftMonitor.for_predictor(bundle, runner)
+        self.seen = seen_images(bundle)
 
     # ------------------------------------------------------------------ the model
     @property
@@ -167,6 +175,19 @@ class Predictor:
             warnings = [w for w in [self.shift.detector.warning(float(shift_score))] if w]
         return Prediction(name, float(prob), self.label_of(prob), self.threshold, self.name, extra=extra, warnings=warnings)
 
+    def _flag_seen(self, pred: Prediction, item: DecodedImage) -> None:
+        """Warn on an answer whose input is one of the model's training or calibration images
+        (by the digests the reader computed, else by the pixels of an array given directly)."""
+        if self.seen is None or item.array is None:
+            return
+        d = digest_from_meta(item.meta)
+        if d is None:
+            d = ImageDigest(None, pixel_digest(item.array))
+        role = self.seen.match(d)
+        if role is not None:
+            pred.extra["seen_as"] = role
+            pred.warnings.append(seen_warning(role))
+
     def _failed(self, name: str | None, error: str) -> Prediction:
         return Prediction(name, None, None, self.threshold, self.name, error=error)
 
@@ -212,6 +233,8 @@ class Predictor:
         for it, pred in zip(items, out):  # DICOM study/series/instance identifiers travel with the answer
             if pred is not None and it.meta and it.meta.get("identifiers"):
                 pred.extra.update(it.meta["identifiers"])
+            if pred is not None and pred.error is None:
+                self._flag_seen(pred, it)
         return [p for p in out if p is not None]
 
     def predict_arrays(
@@ -230,7 +253,9 @@ class Predictor:
             images: 2-D float arrays in [0, 1].
             names: a name per image (``Prediction.path``).
             metas: the reader's metadata per image (from ``read_image_with_meta``): lets the
-                guard see DICOM modality, colour and original size.
+                guard see DICOM modality, colour and original size, and (read with
+                ``digest=True``) carries the digests that find the model's own training images;
+                without them an image is looked up by its pixels.
             guard: ``None`` (the predictor's setting), ``True``/``False`` or a Guard.
             heatmap: also compute Grad-CAM maps (``Prediction.heatmap``, at each array's
                 resolution) for the images that were predicted.
@@ -259,7 +284,7 @@ class Predictor:
             ImageReadError: the input cannot be read as an image.
         """
         nm = name or (str(source) if isinstance(source, (str, Path)) else None)
-        arr, meta = read_image_with_meta(source, max_side=self._read_side(self._guard_for(guard)), name=name)
+        arr, meta = read_image_with_meta(source, max_side=self._read_side(self._guard_for(guard)), name=name, digest=self.seen is not None)
         return self.predict_arrays([arr], [nm], metas=[meta], guard=guard, heatmap=heatmap, layer=layer)[0]
 
     def predict_paths(
@@ -291,9 +316,10 @@ class Predictor:
         """
         g = self._guard_for(guard)
         side = self._read_side(g)
+        digest = self.seen is not None
 
         def read(p: str) -> DecodedImage:
-            return decode_file(p, max_side=side, input_size=self.input_size, guard=g, timeout_s=decode_timeout)
+            return decode_file(p, max_side=side, input_size=self.input_size, guard=g, timeout_s=decode_timeout, digest=digest)
 
         pending: list[DecodedImage] = []
 

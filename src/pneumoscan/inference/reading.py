@@ -24,7 +24,9 @@ def error_reason(e: PneumoscanError) -> str:
     return e.reason if isinstance(e, ImageReadError) else str(e)
 
 
-def decode_file(path: str, *, max_side: int, input_size: int, guard: Any = None, timeout_s: float | None = None) -> DecodedImage:
+def decode_file(
+    path: str, *, max_side: int, input_size: int, guard: Any = None, timeout_s: float | None = None, digest: bool = False,
+) -> DecodedImage:
     """Read one file (JPEGs decoded at reduced size, at least ``max_side``), check it with the
     guard and preprocess it when it passes; a file that cannot be read gives a record with
     ``error`` set instead of an exception.
@@ -36,14 +38,16 @@ def decode_file(path: str, *, max_side: int, input_size: int, guard: Any = None,
         guard: the not-a-chest-X-ray guard, or ``None``.
         timeout_s: decode in a worker process killed after this many seconds
             (:func:`~pneumoscan.data.isolated.decode_isolated`); ``None`` decodes in this thread.
+        digest: also put the file's and the pixels' digests in the metadata (computed from the
+            bytes read and while decoding: no second read or decode).
     """
     try:
         if timeout_s is None:
-            arr, meta = read_image_with_meta(path, max_side=max_side)
+            arr, meta = read_image_with_meta(path, max_side=max_side, digest=digest)
         else:
             from ..data.isolated import decode_isolated
 
-            arr, meta = decode_isolated(path, max_side=max_side, timeout_s=timeout_s)
+            arr, meta = decode_isolated(path, max_side=max_side, timeout_s=timeout_s, digest=digest)
     except PneumoscanError as e:
         return DecodedImage(path, error=error_reason(e))
     except MemoryError:

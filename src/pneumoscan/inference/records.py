@@ -44,9 +44,11 @@ class Prediction:
         heatmap: Grad-CAM map in [0, 1] at the resolution of the decoded image (not
             serialised).
         extra: additional fields (``weights``: the weights' sha256 prefix, ``guard_score``,
-            ``shift_score``, ``heatmap_file``, ...), merged into :meth:`to_dict`.
+            ``shift_score``, ``heatmap_file``, ``seen_as``: ``"train"`` or ``"calibration"`` when
+            the input is one of the model's own images, ...), merged into :meth:`to_dict`.
         warnings: what the reader of this answer must know (e.g. that the image lies outside
-            the population the model was validated on: :mod:`pneumoscan.inference.shift`);
+            the population the model was validated on: :mod:`pneumoscan.inference.shift`; or
+            that the model was trained on it: :mod:`pneumoscan.data.fingerprints`);
             empty when there is nothing to say.
     """
 

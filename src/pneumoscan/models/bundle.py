@@ -68,7 +68,9 @@ class ModelBundle:
         name: the weights' name shown with every prediction (``arch-res224-dataset``).
         val_metrics: validation metrics at the threshold.
         provenance: where it came from: ``config`` (the resolved training config), ``data``
-            (description), ``history``, ``val_logits``/``val_labels``, ``calibration``, ...
+            (description), ``history``, ``val_logits``/``val_labels``, ``calibration``,
+            ``seen_images`` (digests of its training and calibration images:
+            :mod:`pneumoscan.models.seen`), ...
         training: resumable training state (optimizer, scheduler, RNG, epoch counters); only
             in a run's ``last.pt``.
         sha256: hash of the file it was loaded from or saved to (``""`` when in memory only).

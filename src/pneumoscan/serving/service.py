@@ -118,7 +118,7 @@ class InferenceService:
         name = {"DICOM": "upload.dcm", "PNG": "upload.png"}.get(fmt, "upload.jpg")
         # exactly the decode of Predictor.predict_image (JPEG draft mode down to the side the
         # model, and the guard when it is on, read at): the service answers what `pneumoscan predict` answers
-        arr, meta = decode_isolated(data, name, max_side=p._read_side(self.guard), **self.decode_limits)
+        arr, meta = decode_isolated(data, name, max_side=p._read_side(self.guard), digest=p.seen is not None, **self.decode_limits)
         view = arr
         if want_preview and fmt == "JPEG" and max(arr.shape) < OVERLAY_MAX_SIDE < max(meta.get("original_size", (0, 0))):
             view = decode_isolated(data, name, max_side=OVERLAY_MAX_SIDE, **self.decode_limits)[0]  # a sharper preview

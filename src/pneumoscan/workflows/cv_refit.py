@@ -100,7 +100,7 @@ def refit_final(out: str | Path, cfg: TrainConfig, *, resume: bool = True) -> di
     cv_summary = json.loads(summary_file.read_text(encoding="utf-8"))
     best = calibrate_on_oof(load_bundle(run / "best.pt"), out / "cv" / "oof.csv", cfg, cv_summary)
     sha = save_bundle(best, run / "best.pt")
-    write_model_card(run)
+    write_model_card(run, data_card=cfg.data.card or None)
     m = best.val_metrics
     log.info("final model %s: temperature %.3f, threshold %.3f (%s) on %d out-of-fold logits: sensitivity %.3f, specificity %.3f",
              run / "best.pt", best.temperature, best.threshold, best.threshold_method, len(best.provenance["val_logits"]),

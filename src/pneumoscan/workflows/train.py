@@ -17,6 +17,7 @@ from ..evaluation.model_card import write_model_card
 from ..evaluation.plots import plot_training_curves
 from ..inference import load_predictor
 from ..models.bundle import ModelBundle, load_bundle, save_bundle
+from ..models.seen import record_seen_images
 from ..training import fit as fit_model
 from ..training.distributed import is_main_process
 from ..training.engine import run_log
@@ -56,7 +57,9 @@ fit = train
 
 def finalize_run(run_dir: str | Path, cfg: TrainConfig | None = None) -> dict[str, Any]:
     """Fit temperature and threshold on the validation logits of the deployed model and store
-    them, with the validation metrics, in ``best.pt``; then write ``MODEL_CARD.md``.
+    them, with the validation metrics and the content digests of the training and validation
+    images (:mod:`pneumoscan.models.seen`: ``predict`` and ``evaluate`` then recognise them), in
+    ``best.pt``; then write ``MODEL_CARD.md`` (with the data card ``data.card`` when set).
 
     The logits are recomputed through :class:`~pneumoscan.inference.Predictor` (fp32, the
     reader and preprocessing of ``predict``/``serve``), not taken from training, where they may
@@ -81,6 +84,8 @@ def finalize_run(run_dir: str | Path, cfg: TrainConfig | None = None) -> dict[st
                              cfg.target_sensitivity, temperature=None if cfg.calibrate else 1.0)
     best = best.replace(threshold=op.threshold, temperature=op.temperature, threshold_method=op.method,
                         val_metrics=op.val_metrics, provenance=prov)
+    best = record_seen_images(best, **{role: [s.path for s in read_manifest(f)] for role, f in (
+        ("train", run / "split_train.csv"), ("calibration", run / "split_val.csv")) if f.is_file()})
     save_bundle(best, run / "best.pt")
     m = op.val_metrics
     log.info(
@@ -88,7 +93,7 @@ def finalize_run(run_dir: str | Path, cfg: TrainConfig | None = None) -> dict[st
         prov.get("best_epoch"), prov.get("best_loss", float("nan")), m["roc_auc"], op.temperature, op.threshold, op.method,
         m["sensitivity"], m["specificity"], m["accuracy"],
     )
-    write_model_card(run)
+    write_model_card(run, best, data_card=cfg.data.card or None)
     return {"threshold": op.threshold, "temperature": op.temperature, "val_metrics": m}
 
 
