@@ -35,6 +35,7 @@ def test_shipped_parameters_load_and_describe_their_fit() -> None:
     assert 0 < g.threshold < 1 and g.template is not None and g.template.shape == (16, 16)
     fit = params["fit"]
     assert fit["cxr_accepted"] >= 0.99 and fit["other_refused"] >= 0.95 and fit["cxr_n"] > 1000
+    assert fit["cxr_transformed_accepted"] >= 0.98 and fit["cxr_transformed_n"] >= 1000
 
 
 def test_accepts_real_chest_xrays(xray_dir: Path, fullres_dir: Path) -> None:
@@ -83,7 +84,7 @@ def test_refuses_photographs() -> None:
 
 def test_blank_and_tiny_images_are_refused_by_rules() -> None:
     r = _check_bytes(encode(np.full((300, 300), 128, np.uint8)))
-    assert (r.ok, r.rule, r.reason) == (False, "blank", "blank image (no contrast)")
+    assert (r.ok, r.rule, r.reason) == (False, "blank", "does not look like a frontal chest X-ray (blank image: no contrast)")
     r = _check_bytes(encode(np.random.default_rng(0).integers(0, 255, (40, 40), dtype=np.uint8)))
     assert r.rule == "too_small" and "40x40" in r.reason
     r = _check_bytes(encode(np.random.default_rng(0).integers(0, 255, (100, 900), dtype=np.uint8)))
@@ -129,12 +130,56 @@ def test_malformed_parameters_raise_config_error(tmp_path: Path) -> None:
         Guard({**params, "format": "something-else"})
     with pytest.raises(ConfigError, match="not found"):
         Guard.from_file(tmp_path / "missing.json")
+    with pytest.raises(ConfigError, match="clip_lo"):
+        Guard({**params, "clip_hi": None})
+
+
+def test_features_are_clipped_to_their_fitted_range() -> None:
+    """A measurement far outside anything fitted scores as the edge of the fitted range: an
+    unusual film cannot push the network into extrapolation (and a score of 0)."""
+    g = Guard.default()
+    assert g.clip_lo is not None and g.clip_hi is not None and np.all(g.clip_lo <= g.clip_hi)
+    rng = np.random.default_rng(0)
+    base = {n: float(v) for n, v in zip(g.names, rng.uniform(g.clip_lo, g.clip_hi))}
+    for k in rng.choice(len(g.names), 10, replace=False):
+        name, hi, lo = g.names[k], float(g.clip_hi[k]), float(g.clip_lo[k])
+        span = hi - lo + 1.0
+        assert g._score({**base, name: hi + 100 * span}) == pytest.approx(g._score({**base, name: hi}), abs=1e-12)
+        assert g._score({**base, name: lo - 100 * span}) == pytest.approx(g._score({**base, name: lo}), abs=1e-12)
+    unclipped = Guard({k: v for k, v in g.params.items() if k not in ("clip_lo", "clip_hi")})
+    k = int(np.argmax(np.abs(g.hidden_w).sum(axis=1)))  # the feature the network weighs most
+    far = {**base, g.names[k]: float(g.clip_hi[k]) + 1_000 * float(g.scale[k])}
+    assert unclipped._score(far) != pytest.approx(g._score(far), abs=1e-6)  # the clip does something
+
+
+def test_guard_evaluate_command_reports_every_family(tmp_path: Path, xray_dir: Path, fullres_dir: Path, cli) -> None:
+    """``pneumoscan guard evaluate`` measures the shipped guard on a data root without refitting
+    it and prints a row per transformation family and per non-X-ray category."""
+    pytest.importorskip("skimage")
+    from pneumoscan.workflows.guard_transforms import FAMILIES
+
+    root = tmp_path / "data"
+    for split in ("train", "val"):
+        for f in (xray_dir / split).rglob("*.jpeg"):
+            dst = root / "chest_xray_224" / split / f.parent.name / f.name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.write_bytes(f.read_bytes())
+    (root / "chest_xray_fullres" / "val" / "NORMAL").mkdir(parents=True)
+    for f in fullres_dir.glob("*.jpeg"):
+        (root / "chest_xray_fullres" / "val" / "NORMAL" / f.name).write_bytes(f.read_bytes())
+    r = cli("guard", "evaluate", "--data", root, "--per-family", "1", "--generated", "1", "--bundled-variants", "0",
+            "--seed", "0", "--no-progress", "--json")
+    assert r.code == 0, r.err
+    report = json.loads(r.out)
+    per = report["per_category"]
+    assert {f"cxr_{f}" for f in FAMILIES} <= set(per) and set(GENERATORS) <= set(per)
+    assert report["cxr_n"] > 0 and report["other_n"] > len(GENERATORS) and 0 < report["threshold"] < 1
 
 
 def test_fit_pipeline_on_a_small_set(xray_dir: Path, fullres_dir: Path) -> None:
     """Fit the classifier on fixture X-rays and generated images; the measurement uses
     only held-out ones and the written parameters load as a Guard."""
-    from pneumoscan.workflows.guard_fit import _placeholder_guard, featurise, fit_rows
+    from pneumoscan.workflows.guard_fit import _placeholder_guard, featurise, fit_rows, fit_template
     from pneumoscan.workflows.guard_sources import Item, _file_loader, _synth_loader
 
     xrays = sorted(xray_dir.rglob("*.jpeg"))
@@ -143,8 +188,9 @@ def test_fit_pipeline_on_a_small_set(xray_dir: Path, fullres_dir: Path) -> None:
     for ci, cat in enumerate(("noise", "document", "cross_section", "smooth_noise")):
         items += [Item(0, cat, "fit", f"synth:{cat}", _synth_loader(cat, 5_000 + ci * 100 + k)) for k in range(8)]
         items += [Item(0, cat, "eval", f"synth:{cat}", _synth_loader(cat, 7_000 + ci * 100 + k)) for k in range(3)]
-    rows = featurise(items, _placeholder_guard())
-    report = fit_rows(rows, target_acceptance=0.99)
+    template = fit_template(items)
+    rows = featurise(items, _placeholder_guard(), template)
+    report = fit_rows(rows, template, target_acceptance=0.99)
     assert report["cxr_n"] == 8 and report["other_n"] == 12
     assert report["cxr_accepted"] >= 0.75 and report["other_refused"] >= 0.75
     g = Guard(json.loads(json.dumps(report["params"])))  # JSON round trip, no pickle

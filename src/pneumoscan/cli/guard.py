@@ -1,4 +1,4 @@
-"""``pneumoscan guard {check,fit}``: the not-a-chest-X-ray guard."""
+"""``pneumoscan guard {check,fit,evaluate}``: the not-a-chest-X-ray guard."""
 from __future__ import annotations
 
 import argparse
@@ -57,6 +57,21 @@ def _cmd_guard_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_guard_evaluate(args: argparse.Namespace) -> int:
+    from ..guard import Guard
+    from ..workflows.guard_fit import default_data_root, evaluate_guard, format_report
+
+    data = Path(args.data) if args.data else default_data_root()
+    if data is None:
+        raise ConfigError("guard evaluate needs --data ROOT (holding chest_xray_224/ and chest_xray_fullres/)")
+    guard = Guard.from_file(args.params) if args.params else Guard.default()
+    report = evaluate_guard(data, guard, seed=args.seed, per_family=args.per_family, n_generated=args.generated,
+                            bundled_variants=args.bundled_variants, limit=args.limit,
+                            progress=not args.no_progress and sys.stderr.isatty())
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``guard`` sub-command and its actions.
 
@@ -80,3 +95,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--json", action="store_true", help="print the report as JSON")
     f.add_argument("--no-progress", action="store_true")
     f.set_defaults(func=_cmd_guard_fit)
+    e = gsub.add_parser("evaluate", help="measure a fitted guard on the held-out images of its fit, per family")
+    e.add_argument("--data", help="data root with chest_xray_224/ and chest_xray_fullres/ (default: $PNEUMOSCAN_DATA or ../shared/data)")
+    e.add_argument("--params", help="guard parameters JSON (default: the shipped ones)")
+    e.add_argument("--seed", type=int, help="seed of the guard's fit (default: the one it records)")
+    e.add_argument("--per-family", type=int, default=150, help="held-out chest X-rays per transformation family")
+    e.add_argument("--generated", type=int, default=60, help="generated non-X-rays per category")
+    e.add_argument("--bundled-variants", type=int, default=12, help="augmented variants of each held-out bundled image")
+    e.add_argument("--limit", type=int, help="use at most N chest_xray_224/train images (quick check)")
+    e.add_argument("--json", action="store_true", help="print the report as JSON")
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(func=_cmd_guard_evaluate)

@@ -5,10 +5,14 @@ Two stages, both deterministic and cheap (a few milliseconds per image):
 
 1. **Rules** on the reader's metadata and obvious properties: a DICOM modality other than a
    radiograph (CT, MR, US, ...), a DICOM body part other than the chest, a colour image,
-   a blank image, an image too small or with an aspect ratio no chest film has.
+   a blank image, an image too small or with an aspect ratio no chest film has. Size,
+   aspect and contrast are those of the image's *content*, inside uniform borders
+   (letterboxed and padded films are not refused for their padding).
 2. A **small classifier** (a one-hidden-layer network, or a logistic regression) on
-   :func:`pneumoscan.guard.features.image_features`, fitted by ``pneumoscan guard fit`` on
-   chest X-rays versus photographs, documents, screenshots, charts, noise, CT/MR slices...
+   :func:`pneumoscan.guard.features.image_features`, measured on the image's canonical form
+   (uniform borders cropped, intensities stretched, polarity matched to the chest template),
+   fitted by ``pneumoscan guard fit`` on chest X-rays, also transformed as other hospitals'
+   films look, versus photographs, documents, screenshots, charts, noise, CT/MR slices...
    Its parameters ship as JSON in ``pneumoscan/assets/guard/guard.json`` (no pickle, no
    extra dependency at run time: the forward pass is a few lines of numpy).
 
@@ -32,7 +36,8 @@ import numpy as np
 
 from ..data.io import ImageSource, read_image_with_meta
 from ..errors import ConfigError
-from .features import image_features, percentiles
+from .canonical import WORK_SIDE, Prepared, prepare
+from .features import image_features
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +58,15 @@ MODALITY_NAMES = {
 CHEST_BODY_PARTS = ("CHEST", "THORAX", "LUNG", "TORSO", "WHOLEBODY", "BODY", "PORTABLE", "CXR", "TRUNK")
 
 DEFAULT_RULES: dict[str, float] = {
-    "min_side": 64,  # pixels of the original image
-    "max_aspect": 3.0,  # width / height
+    "min_side": 64,  # pixels of the original image, and of its content inside uniform borders
+    "max_aspect": 3.0,  # width / height of the content
     "min_aspect": 0.4,
-    "min_contrast": 0.04,  # 99th minus 1st intensity percentile
+    "min_contrast": 0.04,  # 99th minus 1st intensity percentile of the content (8-bit images)
+    "min_contrast_high_bits": 0.002,  # the same for images of more than 8 bits (131 of 65,536 levels)
     "max_colour_fraction": 0.05,  # share of clearly coloured pixels
 }
+#: How every refusal of an image's content begins (DICOM header refusals say what the header says).
+NOT_CHEST = "does not look like a frontal chest X-ray"
 
 
 @dataclass
@@ -99,6 +107,9 @@ class Guard:
             ``mean``/``scale`` (standardisation), ``classifier`` (``"mlp"`` or
             ``"logistic"``), for an MLP ``hidden_weights`` (features × units) and
             ``hidden_bias`` (ReLU units), then ``coef``/``intercept`` of the output logit,
+            optional ``clip_lo``/``clip_hi`` (each feature is clipped to the range it had in
+            the fitting set before it is standardised: an image unlike anything fitted
+            cannot push the network into extrapolation),
             ``threshold`` (on the probability of being a chest X-ray), ``template``
             (``16×16`` mean chest thumbnail) and optional ``rules`` overriding
             :data:`DEFAULT_RULES`.
@@ -118,11 +129,18 @@ class Guard:
             self.intercept = float(params["intercept"])
             self.threshold = float(params["threshold"])
             self.kind = str(params.get("classifier", "logistic"))
+            lo, hi = params.get("clip_lo"), params.get("clip_hi")
+            self.clip_lo = None if lo is None else np.asarray(lo, dtype=np.float64)
+            self.clip_hi = None if hi is None else np.asarray(hi, dtype=np.float64)
             tpl = params.get("template")
             self.template = None if tpl is None else np.asarray(tpl, dtype=np.float64)
             n = len(self.names)
             if not (self.mean.shape == self.scale.shape == (n,)):
                 raise ValueError("features, mean and scale must have the same length")
+            if (self.clip_lo is None) != (self.clip_hi is None) or (
+                self.clip_lo is not None and not (self.clip_lo.shape == self.clip_hi.shape == (n,))  # type: ignore[union-attr]
+            ):
+                raise ValueError("clip_lo and clip_hi must both be given, one value per feature")
             if self.kind == "mlp":
                 self.hidden_w = np.asarray(params["hidden_weights"], dtype=np.float64)
                 self.hidden_b = np.asarray(params["hidden_bias"], dtype=np.float64)
@@ -170,9 +188,9 @@ class Guard:
         return _default_guard()
 
     # ------------------------------------------------------------------ decision
-    def features(self, image: np.ndarray, meta: dict[str, Any] | None = None) -> dict[str, float]:
+    def features(self, image: np.ndarray, meta: dict[str, Any] | None = None, prepared: Prepared | None = None) -> dict[str, float]:
         """The classifier's input features of one image (see :func:`image_features`)."""
-        return image_features(image, meta, self.template)
+        return image_features(image, meta, self.template, prepared)
 
     def score(self, image: np.ndarray, meta: dict[str, Any] | None = None) -> float:
         """Probability (per the classifier) that ``image`` is a frontal chest X-ray."""
@@ -180,6 +198,8 @@ class Guard:
 
     def _score(self, feats: dict[str, float]) -> float:
         v = np.array([feats.get(n, 0.0) for n in self.names], dtype=np.float64)
+        if self.clip_lo is not None:  # no extrapolation beyond the fitted range of a feature
+            v = np.clip(v, self.clip_lo, self.clip_hi)
         x = (v - self.mean) / self.scale
         if self.kind == "mlp":
             x = np.maximum(x @ self.hidden_w + self.hidden_b, 0.0)
@@ -200,19 +220,26 @@ class Guard:
             A :class:`GuardResult` (unpacks as ``ok, reason, score``).
         """
         meta = meta or {}
-        refusal = self._rules(image, meta)
+        prepared = prepare(image) if image.ndim == 2 and image.size else None
+        refusal = self.rules_check(image, meta, prepared)
         if refusal is not None:
             rule, reason = refusal
             return GuardResult(False, reason, 0.0, rule)
-        feats = self.features(image, meta)
+        feats = self.features(image, meta, prepared)
         s = self._score(feats)
         if s < self.threshold:
-            reason = f"does not look like a frontal chest X-ray (guard score {s:.2f} < {self.threshold:.2f})"
+            reason = f"{NOT_CHEST} (guard score {s:.2f} < {self.threshold:.2f})"
             return GuardResult(False, reason, s, "classifier", feats if with_features else None)
         return GuardResult(True, None, s, None, feats if with_features else None)
 
-    def check_source(self, source: ImageSource, *, name: str | None = None, max_side: int | None = 512) -> GuardResult:
+    def check_source(self, source: ImageSource, *, name: str | None = None, max_side: int | None = WORK_SIDE) -> GuardResult:
         """Read an image (path, bytes or stream) and :meth:`check` it.
+
+        Args:
+            source: a path, bytes or a binary stream.
+            name: the name used in error messages.
+            max_side: decode at most this large (the guard works at ``WORK_SIDE`` pixels, as
+                ``predict`` decodes for it).
 
         Raises:
             ImageReadError: the input cannot be read as an image.
@@ -220,7 +247,14 @@ class Guard:
         img, meta = read_image_with_meta(source, max_side=max_side, name=name)
         return self.check(img, meta)
 
-    def _rules(self, image: np.ndarray, meta: dict[str, Any]) -> tuple[str, str] | None:
+    def rules_check(self, image: np.ndarray, meta: dict[str, Any], prepared: Prepared | None = None) -> tuple[str, str] | None:
+        """The rules alone: ``(rule, reason)`` of the first that refuses, or ``None``.
+
+        Args:
+            image: 2-D float greyscale in [0, 1].
+            meta: the reader's metadata.
+            prepared: :func:`pneumoscan.guard.features.prepare` of ``image``, if computed.
+        """
         r = self.rules
         if str(meta.get("format", "")).upper() == "DICOM":
             modality = str(meta.get("modality", "") or "").strip().upper()
@@ -236,17 +270,23 @@ class Guard:
         w, h = int(w), int(h)
         if min(w, h) < r["min_side"]:
             return "too_small", f"image too small to be a chest X-ray ({w}x{h} pixels)"
-        aspect = w / max(h, 1)
-        if not r["min_aspect"] <= aspect <= r["max_aspect"]:
-            return "aspect", f"aspect ratio {aspect:.2f}:1 ({w}x{h}) is not that of a chest X-ray"
         if float(meta.get("colour_fraction", 0.0) or 0.0) > r["max_colour_fraction"]:
             share = 100.0 * float(meta["colour_fraction"])
-            return "colour", f"colour image ({share:.0f}% coloured pixels); X-rays are greyscale"
-        step = max(1, max(image.shape) // 256)
-        sub = np.nan_to_num(image[::step, ::step].astype(np.float32))
-        lo, hi = percentiles(sub, (1, 99))
-        if hi - lo < r["min_contrast"]:
-            return "blank", "blank image (no contrast)"
+            return "colour", f"{NOT_CHEST} (colour image: {share:.0f}% of its pixels are coloured; X-rays are greyscale)"
+        p = prepared or prepare(image)
+        y0, y1, x0, x1 = p.box
+        cw, ch = round((x1 - x0) * w / p.image.shape[1]), round((y1 - y0) * h / p.image.shape[0])
+        bordered = (cw, ch) != (w, h)
+        inside = f" inside uniform borders of a {w}x{h} image" if bordered else ""
+        if min(cw, ch) < r["min_side"]:
+            return "too_small", f"image too small to be a chest X-ray ({cw}x{ch} pixels{inside})"
+        aspect = cw / max(ch, 1)
+        if not r["min_aspect"] <= aspect <= r["max_aspect"]:
+            return "aspect", f"aspect ratio {aspect:.2f}:1 ({cw}x{ch}{inside}) is not that of a chest X-ray"
+        lo, hi = p.percentiles((1, 99))
+        high_bits = int(meta.get("bits", 8) or 8) > 8
+        if hi - lo < r["min_contrast_high_bits" if high_bits else "min_contrast"]:
+            return "blank", f"{NOT_CHEST} (blank image: no contrast)"
         return None
 
 

@@ -8,27 +8,37 @@ slices are round objects on black; photographs are colourful or lack the layout.
 
 :func:`image_features` turns a decoded greyscale image (and its reader metadata) into a fixed
 vector of such measurements; :mod:`pneumoscan.guard.core` classifies it.
+
+Every feature is measured on the image's canonical form
+(:mod:`pneumoscan.guard.canonical`: uniform borders cropped, intensities stretched), inverted
+when it matches the mean chest X-ray template in the other polarity (MONOCHROME1 pixels shown
+without their inversion).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from ..core.imaging import resize_float
+from .canonical import Prepared, prepare
 
-#: Side of the square, stretched copy most features are measured on (the models' inputs are
-#: stretched squares too).
-SIDE = 128
 #: Side of the layout thumbnail (z-scored intensities, a THUMB x THUMB grid).
 THUMB = 8
 #: Side of the thumbnail compared with the mean chest X-ray template.
 TEMPLATE = 16
-#: Largest native-resolution centre crop used for texture statistics.
-NATIVE = 256
-#: Intensity percentiles measured.
+#: Bins of the edge-orientation histogram (over 0-180 degrees).
+ORIENT_BINS = 6
+#: Intensity percentiles measured (symmetric: inverting the image swaps them).
 PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
+#: The template is also matched zoomed (scale), rotated (degrees) and shifted (fractions of
+#: the side, x and y), as chest films come tightly cropped, zoomed out, tilted or off-centre.
+BANK_SCALES = (0.75, 0.9, 1.0, 1.2, 1.45)
+BANK_ANGLES = (-12.0, 0.0, 12.0)
+BANK_SHIFTS = ((0.0, 0.0), (-0.08, 0.0), (0.08, 0.0), (-0.08, 0.08), (0.0, 0.08), (0.08, 0.08))
 
 
 def _corr(a: np.ndarray, b: np.ndarray) -> float:
@@ -37,23 +47,8 @@ def _corr(a: np.ndarray, b: np.ndarray) -> float:
     b = np.array(b, dtype=np.float64).ravel()
     a -= a.mean()
     b -= b.mean()
-    den = math.sqrt(float(np.einsum("i,i->", a, a)) * float(np.einsum("i,i->", b, b)))
-    return float(np.einsum("i,i->", a, b)) / den if den > 1e-12 else 0.0
-
-
-def percentiles(x: np.ndarray, qs: tuple[float, ...]) -> np.ndarray:
-    """``np.percentile(x, qs)`` (linear interpolation, float64 results) from one sort of
-    ``x``: the same values, and NumPy's vectorised sort beats its partition several times over
-    for the 10⁴–10⁵ pixels the guard looks at."""
-    s = np.sort(x, axis=None)
-    v = np.asarray(qs, dtype=np.float64) / 100.0 * (s.size - 1)
-    lo = np.floor(v).astype(np.intp)
-    hi = np.minimum(lo + 1, s.size - 1)
-    g = v - lo
-    a, b = s[lo].astype(np.float64), s[hi].astype(np.float64)
-    d = b - a
-    # numpy's _lerp: from below for g < 0.5, from above otherwise (exact at the ends)
-    return np.where(g >= 0.5, b - d * (1 - g), a + d * g)
+    den = math.sqrt(float(a @ a) * float(b @ b))
+    return float(a @ b) / den if den > 1e-12 else 0.0
 
 
 def _hist64(x: np.ndarray) -> np.ndarray:
@@ -89,71 +84,162 @@ def _zscore(x: np.ndarray) -> np.ndarray:
     return (x - x.mean()) / (float(x.std()) + 1e-3)
 
 
-def thumbnail(img: np.ndarray) -> np.ndarray:
-    """The z-scored ``TEMPLATE``² thumbnail of an image (what the chest template is the mean of
-    and is compared with).
+def _pool(x: np.ndarray, n: int) -> np.ndarray:
+    """Means of the blocks of a square image, on an ``n``² grid (``n`` divides its side)."""
+    k = x.shape[0] // n
+    if k == 2:  # the common case, four strided views
+        return (x[0::2, 0::2] + x[1::2, 0::2] + x[0::2, 1::2] + x[1::2, 1::2]) * 0.25
+    return x.reshape(n, k, n, k).sum(axis=3).sum(axis=1) * (1.0 / (k * k))
+
+
+def _canonical(p: Prepared, template: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, bool]:
+    """The stretched square, the stretched content at working resolution, and whether both
+    were inverted to match the template's polarity."""
+    scale = 1.0 / (p.hi - p.lo) if p.hi - p.lo > 1e-6 else 0.0
+    x = np.clip((p.square - p.lo) * scale, 0.0, 1.0)
+    invert = False
+    if template is not None:  # the sign of the strongest match with any variant of the template
+        c = template_bank(template) @ _unit(_pool(x, TEMPLATE))
+        invert = bool(c[int(np.argmax(np.abs(c)))] < 0)
+    y0, y1, x0, x1 = p.box
+    crop = np.clip((p.image[y0:y1, x0:x1] - p.lo) * scale, 0.0, 1.0)
+    if invert:
+        return 1.0 - x, 1.0 - crop, True
+    return x, crop, False
+
+
+def thumbnail(img: np.ndarray, prepared: Prepared | None = None) -> np.ndarray:
+    """The z-scored ``TEMPLATE``² thumbnail of an image's stretched content, in its own
+    polarity (the chest template is the mean of these over chest X-rays).
 
     Args:
         img: 2-D float greyscale image in [0, 1].
+        prepared: :func:`prepare` of ``img``, if already computed.
     """
-    x = resize_float(np.nan_to_num(np.asarray(img, dtype=np.float32)), SIDE, SIDE)
-    return _zscore(resize_float(x, TEMPLATE, TEMPLATE, clip=False))
+    p = prepared or prepare(img)
+    x, _, _ = _canonical(p, None)
+    return _zscore(_pool(x, TEMPLATE))
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    """``v`` flattened, centred and scaled to unit norm (zeros when flat): dot products of
+    such vectors are Pearson correlations."""
+    v = np.asarray(v, dtype=np.float64).ravel()
+    v = v - v.mean()
+    n = float(np.sqrt(v @ v))
+    return v / n if n > 1e-12 else np.zeros_like(v)
+
+
+@functools.lru_cache(maxsize=8)
+def _bank_of(key: bytes) -> np.ndarray:
+    t = np.frombuffer(key, dtype=np.float64).reshape(TEMPLATE, TEMPLATE)
+    n = 4 * TEMPLATE
+    big = Image.fromarray(resize_float(t, n, n, clip=False), mode="F")
+    c = n / 2
+    rows = []
+    for scale in BANK_SCALES:
+        for angle in BANK_ANGLES:
+            for dx, dy in BANK_SHIFTS:
+                # output pixel p samples the template at c + R(-angle) (p - c - shift) / scale
+                ca, sa = math.cos(math.radians(angle)) / scale, math.sin(math.radians(angle)) / scale
+                tx, ty = c + dx * n, c + dy * n
+                coeffs = (ca, sa, c - ca * tx - sa * ty, -sa, ca, c + sa * tx - ca * ty)
+                w = big.transform((n, n), Image.Transform.AFFINE, coeffs, resample=Image.Resampling.BILINEAR, fillcolor=0.0)
+                rows.append(_unit(np.asarray(w).reshape(TEMPLATE, 4, TEMPLATE, 4).mean(axis=(1, 3))))
+    identity = BANK_SCALES.index(1.0) * len(BANK_ANGLES) * len(BANK_SHIFTS) + BANK_ANGLES.index(0.0) * len(BANK_SHIFTS)
+    rows.insert(0, rows.pop(identity))
+    return np.stack(rows)
+
+
+def template_bank(template: np.ndarray) -> np.ndarray:
+    """The chest template zoomed, rotated and shifted (:data:`BANK_SCALES`, :data:`BANK_ANGLES`,
+    :data:`BANK_SHIFTS`), as rows of unit vectors; row 0 is the template itself.
+
+    Args:
+        template: ``TEMPLATE``² mean chest X-ray thumbnail.
+    """
+    return _bank_of(np.ascontiguousarray(template, dtype=np.float64).tobytes())
 
 
 def template_features(thumb: np.ndarray, template: np.ndarray | None) -> dict[str, float]:
-    """Correlation of a :func:`thumbnail` (and of its mirror image) with the chest template.
+    """Correlation of a thumbnail (and of its mirror image) with the chest template, and the
+    best correlation with any of its zoomed, rotated or shifted variants.
 
     Args:
-        thumb: ``TEMPLATE``² z-scored thumbnail.
-        template: the mean chest X-ray thumbnail, or ``None`` (both features 0).
+        thumb: ``TEMPLATE``² thumbnail.
+        template: the mean chest X-ray thumbnail, or ``None`` (all features 0).
     """
     if template is None:
-        return {"template_corr": 0.0, "template_corr_flip": 0.0}
-    return {"template_corr": _corr(thumb, template), "template_corr_flip": _corr(thumb[:, ::-1], template)}
+        return {"template_corr": 0.0, "template_corr_flip": 0.0, "template_corr_best": 0.0}
+    c = template_bank(template) @ _unit(thumb)
+    return {"template_corr": float(c[0]), "template_corr_flip": _corr(thumb[:, ::-1], template), "template_corr_best": float(c.max())}
 
 
-def image_features(img: np.ndarray, meta: dict[str, Any] | None = None, template: np.ndarray | None = None) -> dict[str, float]:
-    """Measurements of one image for the guard.
+def _symmetry_best(x32: np.ndarray) -> float:
+    """The best left-right mirror correlation of a 32² thumbnail about an axis tilted by up to
+    8 degrees or moved by up to 2 pixels (the central 24 columns against their mirror)."""
+    z = _zscore(x32).astype(np.float32)
+    im = Image.fromarray(z, mode="F")
+    a, b = [], []
+    for angle in (-8.0, 0.0, 8.0):
+        r = z if angle == 0 else np.asarray(im.rotate(angle, resample=Image.Resampling.BILINEAR))
+        m = r[:, ::-1]
+        for s in (-4, 0, 4):
+            a.append(r[:, 4:28].ravel())
+            b.append(m[:, 4 - s : 28 - s].ravel())
+    A = np.array(a, dtype=np.float64)
+    B = np.array(b, dtype=np.float64)
+    A -= A.mean(axis=1, keepdims=True)
+    B -= B.mean(axis=1, keepdims=True)
+    den = np.sqrt(np.einsum("ij,ij->i", A, A) * np.einsum("ij,ij->i", B, B))
+    c = np.einsum("ij,ij->i", A, B) / np.maximum(den, 1e-12)
+    return float(c.max())
+
+
+def image_features(
+    img: np.ndarray, meta: dict[str, Any] | None = None, template: np.ndarray | None = None, prepared: Prepared | None = None
+) -> dict[str, float]:
+    """Measurements of one image for the guard, on its canonical form (borders cropped,
+    intensities stretched, polarity matched to ``template``).
 
     Args:
         img: 2-D float greyscale image in [0, 1] (as :func:`pneumoscan.data.io.read_image`
             returns it; any resolution).
         meta: the reader's metadata (``saturation``/``colour_fraction`` from
             :func:`pneumoscan.data.io.read_image_with_meta`); missing keys count as 0.
-        template: the mean chest X-ray thumbnail (``TEMPLATE``² z-scores) to correlate with;
-            ``None`` gives 0 for those features.
+        template: the mean chest X-ray thumbnail (``TEMPLATE``² z-scores): the polarity
+            reference and correlated with; ``None`` keeps the polarity and gives 0 for
+            the template features.
+        prepared: :func:`prepare` of ``img``, if already computed.
 
     Returns:
         An ordered dict ``name -> value`` (always the same names in the same order).
     """
     meta = meta or {}
-    img = np.asarray(img, dtype=np.float32)
-    if not np.isfinite(img).all():
-        img = np.nan_to_num(img, nan=0.0, posinf=1.0, neginf=0.0)
-    x = resize_float(img, SIDE, SIDE)
+    p = prepared or prepare(img)
+    x, crop, inverted = _canonical(p, template)
     f: dict[str, float] = {}
 
     # ---------------------------------------------------------------- intensity
-    sd = x.std()
+    sd = float(x.std())
     f["mean"] = float(x.mean())
-    f["std"] = float(sd)
-    for q, v in zip(PERCENTILES, percentiles(x, PERCENTILES)):
+    f["std"] = sd
+    scale = 1.0 / (p.hi - p.lo) if p.hi - p.lo > 1e-6 else 0.0
+    qs = tuple(100 - q for q in PERCENTILES) if inverted else PERCENTILES
+    vals = np.clip((p.percentiles(qs) - p.lo) * scale, 0.0, 1.0)
+    for q, v in zip(PERCENTILES, 1.0 - vals if inverted else vals):
         f[f"p{q}"] = float(v)
     h64 = _hist64(x).astype(np.float64) / x.size
     # the 16 bins are sums of 4 of the 64 (their edges k/16 = 4k/64 are exact binary fractions)
-    hist = h64.reshape(16, 4).sum(axis=1)
-    for i, v in enumerate(hist):
+    for i, v in enumerate(h64.reshape(16, 4).sum(axis=1)):
         f[f"hist{i:02d}"] = float(v)
     nz = h64[h64 > 0]
     f["entropy"] = float(-(nz * np.log2(nz)).sum() / 6.0)
     f["dark_frac"] = float((x < 0.05).mean())
     f["bright_frac"] = float((x > 0.95).mean())
 
-    # ---------------------------------------------------------------- native texture
-    h, w = img.shape
-    ch, cw = min(h, NATIVE), min(w, NATIVE)
-    y0, x0 = (h - ch) // 2, (w - cw) // 2
-    crop = img[y0 : y0 + ch, x0 : x0 + cw]
+    # ---------------------------------------------------------------- texture at working resolution
+    ch, cw = crop.shape
     u = np.clip(np.rint(crop * 255.0), 0, 255).astype(np.uint8)
     counts = np.bincount(u.ravel(), minlength=256).astype(np.float64)
     f["levels"] = float((counts > 0).sum() / 256.0)
@@ -172,39 +258,56 @@ def image_features(img: np.ndarray, meta: dict[str, Any] | None = None, template
     gy = np.zeros_like(x)
     gx[:, 1:-1] = (x[:, 2:] - x[:, :-2]) / 2
     gy[1:-1, :] = (x[2:, :] - x[:-2, :]) / 2
-    g = np.hypot(gx, gy)
-    gm = g.mean()
+    g = np.sqrt(gx * gx + gy * gy)
+    gm = float(g.mean())
     strong = g > 0.05
-    f["grad_mean"] = float(gm)
-    f["grad_rel"] = float(gm / (sd + 1e-3))
+    f["grad_mean"] = gm
+    f["grad_rel"] = gm / (sd + 1e-3)
     f["edge_frac_05"] = float(strong.mean())
     f["edge_frac_15"] = float((g > 0.15).mean())
-    if np.count_nonzero(strong) > 10:
-        ax, ay = np.abs(gx[strong]), np.abs(gy[strong])
-        f["axis_aligned"] = float(((ax < 0.1 * ay) | (ay < 0.1 * ax)).mean())
+    sx, sy = gx[strong], gy[strong]
+    if sx.size > 10:
+        ax, ay = np.abs(sx), np.abs(sy)
+        f["axis_aligned"] = float(np.count_nonzero((ax < 0.1 * ay) | (ay < 0.1 * ax)) / sx.size)
     else:
         f["axis_aligned"] = 0.0
+    # orientation of the edges (0 = horizontal gradient, i.e. vertical edges), magnitude-weighted
+    theta = np.arctan2(sy, sx) % np.pi
+    bins = np.minimum((theta * (ORIENT_BINS / np.pi)).astype(np.intp), ORIENT_BINS - 1)
+    weights = g[strong]
+    orient = np.bincount(bins, weights=weights, minlength=ORIENT_BINS) / (float(weights.sum()) + 1e-9)
+    for i, v in enumerate(orient):
+        f[f"orient{i}"] = float(v)
+    # how unevenly detail is spread (16-pixel blocks): photographs mix flat and busy regions
+    block_sd = np.sqrt(np.maximum(_pool(x * x, 8) - _pool(x, 8) ** 2, 0.0))
+    f["block_sd_cv"] = float(block_sd.std() / (block_sd.mean() + 1e-3))
 
     # ---------------------------------------------------------------- symmetry and layout
-    z64 = _zscore(resize_float(x, 64, 64, clip=False))
+    p64 = _pool(x, 64)
+    p32 = _pool(p64, 32)
+    p16 = _pool(p32, TEMPLATE)
+    z64 = _zscore(p64)
     f["sym_lr"] = _corr(z64, z64[:, ::-1])
+    f["sym_lr_best"] = _symmetry_best(p32)
     f["sym_ud"] = _corr(z64, z64[::-1, :])
-    z = _zscore(x)
-    rows = z.reshape(8, SIDE // 8, SIDE).mean(axis=(1, 2))
-    cols = z.reshape(SIDE, 8, SIDE // 8).mean(axis=(0, 2))
-    for i in range(8):
-        f[f"row{i}"] = float(rows[i])
-    for i in range(8):
-        f[f"col{i}"] = float(cols[i])
-    f["col_centre_minus_sides"] = float(z[:, 48:80].mean() - 0.5 * (z[:, 16:48].mean() + z[:, 80:112].mean()))
-    f["centre_minus_border"] = float(z[32:96, 32:96].mean() - np.concatenate([z[:16].ravel(), z[-16:].ravel(), z[:, :16].ravel(), z[:, -16:].ravel()]).mean())
-    corners = np.concatenate([x[:16, :16].ravel(), x[:16, -16:].ravel(), x[-16:, :16].ravel(), x[-16:, -16:].ravel()])
-    f["corner_mean"] = float(corners.mean())
-    f["corner_dark"] = float((corners < 0.05).mean())
-    tz = _zscore(resize_float(x, THUMB, THUMB, clip=False))
+    # region means of the z-scored square, from the 8-pixel blocks
+    mean, inv = f["mean"], 1.0 / (sd + 1e-3)
+    p8 = _pool(p16, 8)
+    for i, v in enumerate((p8.mean(axis=1) - mean) * inv):
+        f[f"row{i}"] = float(v)
+    for i, v in enumerate((p8.mean(axis=0) - mean) * inv):
+        f[f"col{i}"] = float(v)
+    c16 = p16.mean(axis=0)
+    f["col_centre_minus_sides"] = float((c16[6:10].mean() - 0.5 * (c16[2:6].mean() + c16[10:14].mean())) * inv)
+    border = (p16[:2].sum() + p16[-2:].sum() + p16[2:-2, :2].sum() + p16[2:-2, -2:].sum()) / (4 * 16 + 4 * 12)
+    f["centre_minus_border"] = float((p16[4:12, 4:12].mean() - border) * inv)
+    f["corner_mean"] = float((p16[:2, :2].sum() + p16[:2, -2:].sum() + p16[-2:, :2].sum() + p16[-2:, -2:].sum()) / 16)
+    corners = np.stack([x[:16, :16], x[:16, -16:], x[-16:, :16], x[-16:, -16:]])
+    f["corner_dark"] = float(np.count_nonzero(corners < 0.05) / corners.size)
+    tz = _zscore(p8)
     for i, v in enumerate(tz.ravel()):
         f[f"thumb{i:02d}"] = float(v)
-    f.update(template_features(_zscore(resize_float(x, TEMPLATE, TEMPLATE, clip=False)), template))
+    f.update(template_features(_zscore(p16), template))
 
     # ---------------------------------------------------------------- colour (from the reader)
     f["saturation"] = float(meta.get("saturation", 0.0) or 0.0)

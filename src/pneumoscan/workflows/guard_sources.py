@@ -5,15 +5,21 @@ part and a held-out part, ``chest_xray_224/val``, ``chest_xray_fullres``). Image
 chest X-rays come from what is available offline:
 
 * photographs, textures, microscopy, text and phantoms bundled with scikit-image
-  (``skimage.data``), scikit-learn (``load_sample_images``) and matplotlib (sample data);
+  (``skimage.data``), scikit-learn (``load_sample_images``) and matplotlib (sample data,
+  with two elevation maps);
 * CT, MR, NM and ultrasound slices bundled with pydicom (as plain images: DICOM files
   themselves are already refused by their Modality);
 * generated images (:mod:`pneumoscan.workflows.guard_synth`): noise, blank, gradients,
   patterns, documents, UI screenshots, charts, shapes, CT/MR-like cross-sections;
 
 each source also heavily augmented (crops, rotations, greyscale, gamma, inversion, blur,
-noise, rescaling, JPEG). Each :class:`Item` loads as encoded bytes, so fitting reads it through
-the real reader, as ``predict`` does (:mod:`pneumoscan.workflows.guard_fit`).
+noise, borders, rescaling, JPEG). Chest X-rays are transformed to imitate other hospitals'
+films (:mod:`pneumoscan.workflows.guard_transforms`: letterboxing, rotation, tight crops,
+wide fields, exposure, lines and electrodes, markers and text, noise, inversion, 16 bits):
+the fitting set with the ``FIT`` profile, and held-out patients' images, per family, with
+the ``HELD_OUT`` profile and other seeds. Each :class:`Item` loads as encoded bytes, so
+fitting reads it through the real reader, as ``predict`` does
+(:mod:`pneumoscan.workflows.guard_fit`).
 
 Whole source images (not just augmentations) and generator seeds are split between fitting
 and evaluation. scikit-image is needed here only (``pip install scikit-image``), never to run
@@ -38,6 +44,7 @@ from ..data.io import read_image_with_meta
 from ..data.patients import parse_patient_id
 from ..errors import ConfigError, DataError
 from .guard_synth import GENERATORS, encode
+from .guard_transforms import FAMILIES, FIT, HELD_OUT, letterbox, transform_cxr
 
 #: Bundled real images that are not chest X-rays, with the split they belong to. Whole
 #: source images are held out, so the evaluation never sees an augmentation of a fitted image.
@@ -46,7 +53,7 @@ FIT_SOURCES = (
     "skimage:retina", "skimage:text", "skimage:brick", "skimage:grass", "skimage:binary_blobs", "skimage:horse",
     "skimage:logo", "skimage:cell", "skimage:lfw_subset", "skimage:shepp_logan_phantom",
     "pydicom:693_J2KI.dcm", "pydicom:CT_small.dcm", "pydicom:examples_overlay.dcm", "pydicom:liver_1frame.dcm",
-    "pydicom:image_dfl.dcm",
+    "pydicom:image_dfl.dcm", "pydicom:examples_palette.dcm", "matplotlib:jacksboro_fault_dem.npz",
 )
 EVAL_SOURCES = (
     "skimage:chelsea", "skimage:rocket", "skimage:immunohistochemistry", "skimage:page", "skimage:clock",
@@ -54,7 +61,7 @@ EVAL_SOURCES = (
     "sklearn:china.jpg", "sklearn:flower.jpg", "matplotlib:grace_hopper.jpg", "matplotlib:Minduka_Present_Blue_Pack.png",
     "matplotlib:s1045.ima.gz",
     "pydicom:J2K_pixelrep_mismatch.dcm", "pydicom:MR_small.dcm", "pydicom:JPEG2000.dcm", "pydicom:examples_jpeg2k.dcm",
-    "pydicom:examples_rgb_color.dcm",
+    "pydicom:examples_rgb_color.dcm", "matplotlib:topobathy.npz", "matplotlib:logo2.png",
 )
 #: Category of each bundled source (for the report).
 SOURCE_CATEGORY = {
@@ -64,6 +71,8 @@ SOURCE_CATEGORY = {
     "skimage:gravel": "texture", "skimage:cell": "microscopy", "skimage:immunohistochemistry": "microscopy",
     "skimage:microaneurysms": "microscopy", "skimage:retina": "medical_photo", "matplotlib:s1045.ima.gz": "ct_mr_slice",
     "matplotlib:Minduka_Present_Blue_Pack.png": "graphic", "pydicom:image_dfl.dcm": "pattern",
+    "matplotlib:logo2.png": "graphic", "matplotlib:jacksboro_fault_dem.npz": "elevation_map",
+    "matplotlib:topobathy.npz": "elevation_map",
 }
 
 
@@ -120,6 +129,9 @@ def load_source(key: str) -> np.ndarray:
         p = Path(matplotlib.get_data_path()) / "sample_data" / name
         if name.endswith(".ima.gz"):
             a = np.frombuffer(gzip.open(p).read(), ">u2").reshape(256, 256).astype(np.float64)
+        elif name.endswith(".npz"):  # elevation maps: their first array
+            with np.load(p) as z:
+                a = np.asarray(z[z.files[0]], dtype=np.float64)
         else:
             a = np.asarray(Image.open(p).convert("RGB"))
     elif lib == "pydicom":
@@ -142,8 +154,8 @@ def load_source(key: str) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
-def _bytes_of(arr: np.ndarray, rng: np.random.Generator, allow16: bool = False) -> tuple[bytes, str]:
-    if allow16 and arr.ndim == 2 and rng.random() < 0.15:  # 16-bit PNG, as exported from PACS
+def _bytes_of(arr: np.ndarray, rng: np.random.Generator) -> tuple[bytes, str]:
+    if arr.ndim == 2 and rng.random() < 0.1:  # 16-bit PNG: not only chest X-rays come so
         buf = io.BytesIO()
         Image.fromarray(arr.astype(np.uint16) * 257).save(buf, format="PNG")
         return buf.getvalue(), "x.png"
@@ -156,41 +168,6 @@ def _bytes_of(arr: np.ndarray, rng: np.random.Generator, allow16: bool = False) 
 def _gamma(a: np.ndarray, g: float) -> np.ndarray:
     lut = (np.linspace(0, 1, 256) ** g * 255).astype(np.uint8)
     return lut[a]
-
-
-def augment_cxr(a: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A plausible variant of a chest X-ray (other scanners, exports, positioning): small
-    crop/zoom, rotation, gamma/contrast, blur, noise, black or white borders, aspect change.
-
-    Args:
-        a: ``uint8`` greyscale image.
-        rng: random generator.
-    """
-    im = Image.fromarray(a if a.ndim == 2 else a.mean(axis=2).astype(np.uint8))
-    w, h = im.size
-    cw, ch = int(w * rng.uniform(0.8, 1.0)), int(h * rng.uniform(0.8, 1.0))
-    x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-    im = im.crop((x0, y0, x0 + cw, y0 + ch))
-    if rng.random() < 0.6:
-        im = im.rotate(float(rng.uniform(-8, 8)), resample=Image.Resampling.BILINEAR, fillcolor=int(rng.choice([0, 0, 255])))
-    side = int(rng.integers(160, 1200))
-    aspect = float(np.exp(rng.uniform(np.log(0.75), np.log(1.8))))
-    im = im.resize((side, max(64, int(side / aspect))), Image.Resampling.BILINEAR)
-    if rng.random() < 0.3:
-        im = im.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.3, 1.5))))
-    out = _gamma(np.asarray(im), float(np.exp(rng.uniform(np.log(0.6), np.log(1.6)))))
-    if rng.random() < 0.3:
-        lo, hi = rng.uniform(0, 40), rng.uniform(215, 255)
-        out = (lo + out.astype(np.float32) * (hi - lo) / 255).astype(np.uint8)
-    if rng.random() < 0.25:
-        out = np.clip(out + rng.normal(0, rng.uniform(1, 6), out.shape), 0, 255).astype(np.uint8)
-    if rng.random() < 0.15:  # letterbox / collimator borders
-        hh, ww = out.shape
-        pad = int(min(hh, ww) * rng.uniform(0.02, 0.1))
-        canvas = np.full((hh + 2 * pad, ww + 2 * pad), int(rng.choice([0, 255])), np.uint8)
-        canvas[pad : pad + hh, pad : pad + ww] = out
-        out = canvas
-    return out
 
 
 def augment_other(a: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -223,6 +200,8 @@ def augment_other(a: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         out = 255 - out
     if rng.random() < 0.3:
         out = np.clip(out + rng.normal(0, rng.uniform(2, 20), out.shape), 0, 255).astype(np.uint8)
+    if out.ndim == 2 and rng.random() < 0.1:  # padded like a letterboxed film (cropped again by the guard)
+        out = letterbox(out, rng, FIT)
     return np.ascontiguousarray(out)
 
 
@@ -236,13 +215,20 @@ def _file_loader(path: Path) -> Callable[[], tuple[bytes, str]]:
     return lambda: (path.read_bytes(), str(path))
 
 
-def _aug_loader(path: Path, seed: int) -> Callable[[], tuple[bytes, str]]:
+def transform_loader(path: Path, family: str, seed: int, profile: dict[str, Any] = HELD_OUT) -> Callable[[], tuple[bytes, str]]:
+    """A loader of one transformed copy of a chest X-ray (:func:`transform_cxr`).
+
+    Args:
+        path: the chest X-ray file.
+        family: the transformation family.
+        seed: seed of its random parameters.
+        profile: ``FIT`` or ``HELD_OUT``.
+    """
     def load() -> tuple[bytes, str]:
         rng = np.random.default_rng(seed)
         img, _ = read_image_with_meta(path)
-        arr = augment_cxr(to_uint8(img), rng)
-        data, name = _bytes_of(arr, rng, allow16=True)
-        return data, f"{path.name}~aug{seed}{Path(name).suffix}"
+        data, name = transform_cxr(to_uint8(img), family, rng, profile)
+        return data, f"{path.name}~{family}{seed}{Path(name).suffix}"
 
     return load
 
@@ -251,17 +237,22 @@ def _images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".jpeg", ".jpg", ".png") and p.is_file())
 
 
-def chest_items(data: Path, fit_fraction: float = 0.35, seed: int = 0, aug_per_image: int = 1, limit: int | None = None) -> list[Item]:
+def chest_items(
+    data: Path, fit_fraction: float = 0.35, seed: int = 0, aug_per_image: int = 2, limit: int | None = None,
+    per_family: int = 150,
+) -> list[Item]:
     """Chest X-ray items: a patient-grouped fit part of ``chest_xray_224/train`` (plus
-    augmented copies) and ``chest_xray_fullres/train``; the rest of train, ``chest_xray_224/val``
-    and ``chest_xray_fullres/val`` held out.
+    transformed copies) and ``chest_xray_fullres/train``; the rest of train, ``chest_xray_224/val``
+    and ``chest_xray_fullres/val`` held out, and transformed copies of held-out images.
 
     Args:
         data: the data root holding ``chest_xray_224`` and ``chest_xray_fullres``.
         fit_fraction: share of train patients used to fit.
-        seed: seed of the patient split and augmentations.
-        aug_per_image: augmented copies of each fit image.
+        seed: seed of the patient split and transformations.
+        aug_per_image: transformed copies of each fit image (families in turn, ``FIT`` profile).
         limit: at most this many train images (quick runs).
+        per_family: held-out images transformed by each family (``HELD_OUT`` profile,
+            category ``cxr_<family>``; a different image for every family).
     """
     train = _images(data / "chest_xray_224" / "train")
     if not train:
@@ -270,14 +261,23 @@ def chest_items(data: Path, fit_fraction: float = 0.35, seed: int = 0, aug_per_i
         rng = np.random.default_rng(seed)
         train = [train[i] for i in sorted(rng.choice(len(train), min(limit, len(train)), replace=False))]
     items: list[Item] = []
+    families = list(FAMILIES)
+    heldout: list[Path] = []
+    n_fit = 0
     for i, p in enumerate(train):
         fit = _patient_bucket(str(p), seed) < fit_fraction
         items.append(Item(1, "cxr_fit" if fit else "cxr_train_heldout", "fit" if fit else "eval", str(p), _file_loader(p)))
-        if fit:
-            for k in range(aug_per_image):
-                items.append(Item(1, "cxr_fit_augmented", "fit", str(p), _aug_loader(p, seed * 1_000_003 + i * 17 + k)))
-        elif i % 10 == 0:  # robustness: altered copies of held-out images (reported apart)
-            items.append(Item(1, "cxr_heldout_augmented", "eval", str(p), _aug_loader(p, 700_000_000 + seed * 1_000_003 + i)))
+        if not fit:
+            heldout.append(p)
+            continue
+        for k in range(aug_per_image):
+            fam = families[(n_fit * aug_per_image + k) % len(families)]
+            items.append(Item(1, f"cxr_fit_{fam}", "fit", str(p), transform_loader(p, fam, seed * 1_000_003 + i * 17 + k, FIT)))
+        n_fit += 1
+    order = np.random.default_rng(700_000_000 + seed).permutation(len(heldout))
+    for j, idx in enumerate(order[: per_family * len(families)]):
+        fam, p = families[j % len(families)], heldout[idx]
+        items.append(Item(1, f"cxr_{fam}", "eval", str(p), transform_loader(p, fam, 700_000_000 + seed * 1_000_003 + j, HELD_OUT)))
     for p in _images(data / "chest_xray_224" / "val"):
         items.append(Item(1, "cxr_val_224", "eval", str(p), _file_loader(p)))
     for p in _images(data / "chest_xray_fullres" / "train"):
@@ -311,7 +311,7 @@ def _synth_loader(cat: str, seed: int) -> Callable[[], tuple[bytes, str]]:
     return load
 
 
-def other_items(seed: int = 0, n_fit: int = 150, n_eval: int = 60, aug_fit: int = 30, aug_eval: int = 12) -> list[Item]:
+def other_items(seed: int = 0, n_fit: int = 200, n_eval: int = 60, aug_fit: int = 40, aug_eval: int = 12) -> list[Item]:
     """Non-chest items: bundled images (whole sources held out for evaluation) with augmented
     variants, and generated images (evaluation seeds disjoint from fitting seeds).
 

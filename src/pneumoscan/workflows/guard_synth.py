@@ -3,7 +3,8 @@
 Every generator takes a :class:`numpy.random.Generator` and returns a ``uint8`` image,
 ``(H, W)`` greyscale or ``(H, W, 3)`` RGB, of a random size. The categories mirror what
 people upload by mistake: noise, blank or flat images, gradients, text documents, UI
-screenshots, charts, geometric drawings, textures, and CT/MR-like cross-sections.
+screenshots, charts, geometric drawings, textures, CT/MR-like cross-sections, and logos,
+pie charts and icons.
 
 Only numpy and Pillow are needed (charts use matplotlib when it is installed).
 """
@@ -32,7 +33,12 @@ def _size(rng: np.random.Generator, lo: int = 160, hi: int = 900) -> tuple[int, 
     return w, int(np.clip(w / aspect, lo * 0.6, hi * 1.2))
 
 
-def _font(rng: np.random.Generator, size: int) -> ImageFont.ImageFont:
+def font(size: int) -> ImageFont.ImageFont:
+    """Pillow's default font at ``size`` pixels (its bitmap font without FreeType).
+
+    Args:
+        size: font size in pixels.
+    """
     try:
         return ImageFont.load_default(size=size)
     except (TypeError, OSError):  # pragma: no cover - Pillow without FreeType
@@ -155,7 +161,7 @@ def document(rng: np.random.Generator) -> np.ndarray:
     while y < h - margin:
         r = rng.random()
         if r < 0.12:
-            f = _font(rng, int(fs * 1.6))
+            f = font(int(fs * 1.6))
             d.text((margin, y), _sentence(rng, int(rng.integers(2, 6))).title(), fill=fg, font=f)
             y += int(fs * 2.6)
         elif r < 0.2:
@@ -165,13 +171,13 @@ def document(rng: np.random.Generator) -> np.ndarray:
                 d.line([(margin, y + i * rh), (margin + cols * cw, y + i * rh)], fill=fg, width=1)
             for j in range(cols + 1):
                 d.line([(margin + j * cw, y), (margin + j * cw, y + rows * rh)], fill=fg, width=1)
-            f = _font(rng, fs)
+            f = font(fs)
             for i in range(rows):
                 for j in range(cols):
                     d.text((margin + j * cw + 4, y + i * rh + 3), _sentence(rng, 1)[: max(1, cw // fs)], fill=fg, font=f)
             y += rows * rh + fs * 2
         else:
-            f = _font(rng, fs)
+            f = font(fs)
             for _ in range(int(rng.integers(2, 9))):
                 line = _sentence(rng, int(rng.integers(4, 16)))
                 d.text((margin, y), line, fill=fg, font=f)
@@ -194,7 +200,7 @@ def screenshot(rng: np.random.Generator) -> np.ndarray:
     d = ImageDraw.Draw(im)
     bar = int(rng.integers(24, 60))
     d.rectangle([0, 0, w, bar], fill=_colour(rng, grey))
-    f = _font(rng, int(rng.integers(11, 18)))
+    f = font(int(rng.integers(11, 18)))
     d.text((12, bar // 4), _sentence(rng, 3), fill=(255, 255, 255), font=f)
     side = int(w * rng.uniform(0.0, 0.3))
     if side:
@@ -288,6 +294,37 @@ def shapes(rng: np.random.Generator) -> np.ndarray:
     return a.mean(axis=2).astype(np.uint8) if grey else a
 
 
+def logo(rng: np.random.Generator) -> np.ndarray:
+    """Flat graphics: a wordmark in large letters, a pie chart or colour wheel, or an icon of
+    concentric shapes, on a plain or gradient background."""
+    w, h = _size(rng, 200, 900)
+    grey = rng.random() < 0.5
+    im = Image.new("RGB", (w, h), _colour(rng, grey))
+    d = ImageDraw.Draw(im)
+    kind = rng.integers(3)
+    cx, cy, r = w * rng.uniform(0.3, 0.7), h * rng.uniform(0.3, 0.7), min(w, h) * rng.uniform(0.2, 0.48)
+    if kind == 0:  # wordmark
+        size = int(h * rng.uniform(0.2, 0.5))
+        d.text((w * rng.uniform(0.0, 0.3), h * rng.uniform(0.1, 0.5)), _sentence(rng, int(rng.integers(1, 3))), fill=_colour(rng, grey), font=font(size))
+    elif kind == 1:  # pie chart, donut or colour wheel
+        n = int(rng.integers(3, 40))
+        cuts = np.sort(rng.uniform(0, 360, n)) if rng.random() < 0.5 else np.linspace(0, 360, n + 1)[:-1]
+        for a0, a1 in zip(cuts, np.append(cuts[1:], cuts[0] + 360)):
+            d.pieslice([cx - r, cy - r, cx + r, cy + r], float(a0), float(a1), fill=_colour(rng, grey), outline=_colour(rng, grey))
+        if rng.random() < 0.4:
+            d.ellipse([cx - r / 2, cy - r / 2, cx + r / 2, cy + r / 2], fill=_colour(rng, grey))
+    else:  # icon: concentric shapes and a symbol
+        for k in range(int(rng.integers(2, 6))):
+            rr = r * (1 - k * 0.18)
+            box = [cx - rr, cy - rr, cx + rr, cy + rr]
+            (d.ellipse if rng.random() < 0.6 else d.rectangle)(box, fill=_colour(rng, grey), outline=_colour(rng, grey), width=int(rng.integers(1, 6)))
+        d.text((cx - r / 3, cy - r / 2), str(rng.choice(list("ABCDEFGHKMNPRSTXZ?!#@&"))), fill=_colour(rng, grey), font=font(int(r)))
+    a = np.asarray(im)
+    if rng.random() < 0.3:
+        a = _blur(a, rng.uniform(0.5, 3))
+    return a.mean(axis=2).astype(np.uint8) if grey or rng.random() < 0.3 else a
+
+
 # ----------------------------------------------------------------------------- cross-sections
 def _ellipse_mask(h: int, w: int, cx: float, cy: float, rx: float, ry: float, ang: float) -> np.ndarray:
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
@@ -334,6 +371,7 @@ GENERATORS: dict[str, Generator] = {
     "chart": chart,
     "shapes": shapes,
     "cross_section": cross_section,
+    "logo": logo,
 }
 
 
