@@ -212,3 +212,17 @@ def test_every_generator_makes_uint8_images() -> None:
     for cat in GENERATORS:
         a = generate(cat, 3)
         assert a.dtype == np.uint8 and a.ndim in (2, 3) and min(a.shape[:2]) >= 16
+
+
+def test_photo_scenes_are_seeded_and_use_only_fitting_photographs() -> None:
+    from pneumoscan.workflows.guard_scenes import photo_scene
+    from pneumoscan.workflows.guard_sources import EVAL_SOURCES, FIT_SOURCES, fit_photo_keys
+
+    keys = fit_photo_keys()
+    assert keys and set(keys) <= set(FIT_SOURCES) and not set(keys) & set(EVAL_SOURCES)
+    srcs = [np.random.default_rng(k).integers(0, 256, (120 + 30 * k, 150, 3), dtype=np.uint8) for k in range(3)]
+    for s in range(12):
+        a = photo_scene(np.random.default_rng(s), srcs)
+        assert a.dtype == np.uint8 and a.ndim in (2, 3) and min(a.shape[:2]) >= 100
+        assert np.array_equal(a, photo_scene(np.random.default_rng(s), srcs))
+    assert photo_scene(np.random.default_rng(1), []).dtype == np.uint8  # natural-statistics scenes only

@@ -11,6 +11,8 @@ chest X-rays come from what is available offline:
   themselves are already refused by their Modality);
 * generated images (:mod:`pneumoscan.workflows.guard_synth`): noise, blank, gradients,
   patterns, documents, UI screenshots, charts, shapes, CT/MR-like cross-sections;
+* photograph-like scenes (:mod:`pneumoscan.workflows.guard_scenes`) cut from the fitting
+  photographs only, and scenes with natural-image statistics;
 
 each source also heavily augmented (crops, rotations, greyscale, gamma, inversion, blur,
 noise, borders, rescaling, JPEG). Chest X-rays are transformed to imitate other hospitals'
@@ -43,6 +45,7 @@ from ..core.imaging import to_uint8
 from ..data.io import read_image_with_meta
 from ..data.patients import parse_patient_id
 from ..errors import ConfigError, DataError
+from .guard_scenes import photo_scene
 from .guard_synth import GENERATORS, encode
 from .guard_transforms import FAMILIES, FIT, HELD_OUT, letterbox, transform_cxr
 
@@ -238,7 +241,7 @@ def _images(folder: Path) -> list[Path]:
 
 
 def chest_items(
-    data: Path, fit_fraction: float = 0.35, seed: int = 0, aug_per_image: int = 2, limit: int | None = None,
+    data: Path, fit_fraction: float = 0.35, seed: int = 0, aug_per_image: int = 3, limit: int | None = None,
     per_family: int = 150,
 ) -> list[Item]:
     """Chest X-ray items: a patient-grouped fit part of ``chest_xray_224/train`` (plus
@@ -311,14 +314,38 @@ def _synth_loader(cat: str, seed: int) -> Callable[[], tuple[bytes, str]]:
     return load
 
 
-def other_items(seed: int = 0, n_fit: int = 200, n_eval: int = 60, aug_fit: int = 40, aug_eval: int = 12) -> list[Item]:
+def fit_photo_keys() -> list[str]:
+    """The fitting sources that are photographs (what :func:`photo_scene` crops from; never
+    a held-out source)."""
+    return [k for k in FIT_SOURCES if k not in EVAL_SOURCES and SOURCE_CATEGORY.get(k, "ct_mr_slice" if k.startswith("pydicom:") else "photo") == "photo"]
+
+
+def _scene_loader(seed: int) -> Callable[[], tuple[bytes, str]]:
+    def load() -> tuple[bytes, str]:
+        rng = np.random.default_rng(seed)
+        a = photo_scene(rng, [load_source(k) for k in fit_photo_keys()])
+        if rng.random() < 0.5:  # and what users do to photographs (crop, blur, noise, borders, ...)
+            a = augment_other(a, rng)
+        data, name = _bytes_of(a, rng)
+        return data, f"photo_scene-{seed}{Path(name).suffix}"
+
+    return load
+
+
+def other_items(
+    seed: int = 0, n_fit: int = 200, n_eval: int = 60, aug_fit: int = 40, aug_eval: int = 12, n_scene_fit: int = 600,
+) -> list[Item]:
     """Non-chest items: bundled images (whole sources held out for evaluation) with augmented
-    variants, and generated images (evaluation seeds disjoint from fitting seeds).
+    variants, generated images (evaluation seeds disjoint from fitting seeds) and
+    photograph-like scenes (:mod:`pneumoscan.workflows.guard_scenes`, built from the fitting
+    photographs only: category ``photo_scene``, reported apart from the held-out photographs).
 
     Args:
         seed: base seed.
         n_fit, n_eval: generated images per category for fitting / evaluation.
         aug_fit, aug_eval: augmented variants per bundled source image.
+        n_scene_fit: photograph-like scenes for fitting (``n_eval`` more, other seeds, are
+            measured).
     """
     items: list[Item] = []
     for split, keys, n_aug in (("fit", FIT_SOURCES, aug_fit), ("eval", EVAL_SOURCES, aug_eval)):
@@ -334,4 +361,8 @@ def other_items(seed: int = 0, n_fit: int = 200, n_eval: int = 60, aug_fit: int 
             items.append(Item(0, cat, "fit", f"synth:{cat}", _synth_loader(cat, seed * 1_000_000 + ci * 10_000 + k)))
         for k in range(n_eval):
             items.append(Item(0, cat, "eval", f"synth:{cat}", _synth_loader(cat, 900_000_000 + seed * 1_000_000 + ci * 10_000 + k)))
+    for k in range(n_scene_fit):
+        items.append(Item(0, "photo_scene", "fit", "synth:photo_scene", _scene_loader(500_000_000 + seed * 1_000_000 + k)))
+    for k in range(n_eval):
+        items.append(Item(0, "photo_scene", "eval", "synth:photo_scene", _scene_loader(950_000_000 + seed * 1_000_000 + k)))
     return items
