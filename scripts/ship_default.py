@@ -30,13 +30,17 @@ from pneumoscan.evaluation.data_card import strip_paths
 from pneumoscan.evaluation.model_card import render_model_card
 from pneumoscan.inference.onnx_export import export_default_onnx
 from pneumoscan.models.bundle import ModelBundle, load_bundle, save_bundle, save_default
+from pneumoscan.models.seen import SEEN_KEY, seen_images
 from pneumoscan.utils.io import atomic_write_text
 from pneumoscan.workflows.cv_refit import calibrate_on_oof
 from pneumoscan.workflows.shift_fit import fit_default
 from pneumoscan.workflows.train import finalize_run
 
 log = logging.getLogger("pneumoscan.ship")
-DEST = Path(__file__).resolve().parents[1] / "src" / "pneumoscan" / "assets" / "default"
+ROOT = Path(__file__).resolve().parents[1]
+DEST = ROOT / "src" / "pneumoscan" / "assets" / "default"
+SAMPLES = ROOT / "src" / "pneumoscan" / "assets" / "samples"
+PINS = ROOT / "tests" / "fixtures" / "pinned_default.json"
 
 
 def portable(value: Any) -> Any:
@@ -64,6 +68,18 @@ def calibrated(run: Path, name: str) -> tuple[ModelBundle, str]:
     return load_bundle(run / "best.pt"), "validation"
 
 
+def pin(dest: Path, shipped: ModelBundle, out: Path) -> None:
+    """Record the shipped model's probabilities (PyTorch backend) on the bundled sample X-rays:
+    the behaviour every backend and later refactor must reproduce."""
+    from pneumoscan.inference import load_predictor
+
+    files = sorted(p for p in SAMPLES.iterdir() if p.suffix in (".jpeg", ".dcm"))
+    preds = load_predictor(dest / f"{shipped.name}.pt", backend="torch").predict_paths(files, guard=False)
+    samples = {Path(p.path).name: {"probability": p.probability, "label": p.label} for p in preds}
+    atomic_write_text(out, json.dumps({"model": shipped.name, "sha256": shipped.sha256, "samples": samples}, indent=2) + "\n")
+    log.info("pinned %d sample answers in %s", len(samples), out)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", type=Path, nargs="?")
@@ -72,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recipe", default="pneumoscan train --preset default --data chest_xray_224",
                     help="the command that trained the run (recorded in default.json)")
     ap.add_argument("--dest", type=Path, default=DEST)
+    ap.add_argument("--pins", default=str(PINS), help="where to record the shipped model's answers on the bundled samples "
+                    "(tests/test_pinned_default.py); an empty value skips it")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -83,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         run = args.run
         best, source = calibrated(run, args.name)
         root = str((best.provenance.get("config") or {}).get("data", {}).get("root") or "")
-        best = best.replace(provenance=portable(best.provenance))
+        best = best.replace(provenance={k: v if k == SEEN_KEY else portable(v) for k, v in best.provenance.items()})
         hist = best.provenance.get("history") or []
         n_train = sum(1 for _ in open(run / "split_train.csv", encoding="utf-8")) - 1
         trained_on = (f"{n_train} images of Kermany train (every one); operating point from the pooled out-of-fold predictions "
@@ -102,11 +120,16 @@ def main(argv: list[str] | None = None) -> int:
             old.unlink()
         f = save_default(best, args.dest, args.name, extra)
         shipped = load_bundle(f)
+        seen = seen_images(shipped)
+        if seen is None:
+            raise PneumoscanError(f"{run / 'best.pt'} records no training images (made before content digests): retrain or record them")
         shift = fit_default(dest=args.dest, cv_dir=run.parent if source == "oof" else None)
         described = shipped.replace(provenance={**shipped.provenance, "shift": {"threshold": shift["threshold"], "stats": shift}},
                                     sha256=shipped.sha256)
         atomic_write_text(args.dest / "MODEL_CARD.md", render_model_card(described, data_card=Path(root) if root else None))
         export_default_onnx(args.dest)
+        if args.pins:
+            pin(args.dest, shipped, Path(args.pins))
         log.info("shipped %s (%d bytes, sha256 %s): %s", f, f.stat().st_size, shipped.sha256, shipped.val_metrics)
     except PneumoscanError as e:
         log.error("error: %s", e)

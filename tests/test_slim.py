@@ -35,14 +35,8 @@ HAVE_TORCH = importlib.util.find_spec("torch") is not None
 SAMPLES = Path(str(default_model_dir())).parent / "samples"
 NEED_TORCH = "this command needs PyTorch: pip install 'pneumoscan[train]'"
 #: The shipped default model's pinned answers (tests/test_pinned_default.py).
-PINNED = {
-    "NORMAL2-IM-1436-0001.dcm": (0.03704166036424629, "NORMAL"),
-    "NORMAL2-IM-1437-0001.jpeg": (0.19235190437931723, "NORMAL"),
-    "NORMAL2-IM-1438-0001.jpeg": (0.028696461976178072, "NORMAL"),
-    "person1003_virus_1685.jpeg": (0.998821710032252, "PNEUMONIA"),
-    "person1947_bacteria_4876.dcm": (0.9252836899661824, "PNEUMONIA"),
-    "person1951_bacteria_4882.jpeg": (0.9107163919768907, "PNEUMONIA"),
-}
+PINNED = {name: (float(v["probability"]), v["label"]) for name, v in json.loads(
+    (Path(__file__).resolve().parent / "fixtures" / "pinned_default.json").read_text(encoding="utf-8"))["samples"].items()}
 #: Run first in every subprocess: where PyTorch is installed, make it impossible to import.
 NO_TORCH = "import sys; sys.modules.update(torch=None, torchvision=None)\n"
 

@@ -92,7 +92,8 @@ def data_splits(bundle: ModelBundle, run_dir: str | Path | None = None) -> list[
     files = bundle.provenance.get("split_files") or {"train": "split_train.csv", "val": "split_val.csv"}
     prov = bundle.provenance.get("data") or {}
     out = []
-    for split, title in (("train", "training"), ("val", "validation")):
+    val_title = "monitor (logged only)" if bundle.provenance.get("cv") else "validation"  # a --refit model: see its CV table
+    for split, title in (("train", "training"), ("val", val_title)):
         f = Path(run_dir) / files[split] if run_dir is not None and split in files else None
         try:
             samples = read_manifest(f) if f is not None and f.is_file() else None
