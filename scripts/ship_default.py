@@ -20,14 +20,12 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from pneumoscan.config import TrainConfig
 from pneumoscan.errors import PneumoscanError
-from pneumoscan.evaluation.data_card import strip_paths
-from pneumoscan.evaluation.model_card import render_model_card
+from pneumoscan.evaluation.model_card import portable_paths, render_model_card
 from pneumoscan.inference.onnx_export import export_default_onnx
 from pneumoscan.models.bundle import ModelBundle, load_bundle, save_bundle, save_default
 from pneumoscan.models.seen import SEEN_KEY, seen_images
@@ -41,15 +39,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DEST = ROOT / "src" / "pneumoscan" / "assets" / "default"
 SAMPLES = ROOT / "src" / "pneumoscan" / "assets" / "samples"
 PINS = ROOT / "tests" / "fixtures" / "pinned_default.json"
-
-
-def portable(value: Any) -> Any:
-    """``value`` with every absolute path in its strings reduced to the last part."""
-    if isinstance(value, dict):
-        return {k: portable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(portable(v) for v in value)
-    return strip_paths(value) if isinstance(value, str) else value
 
 
 def calibrated(run: Path, name: str) -> tuple[ModelBundle, str]:
@@ -101,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         run = args.run
         best, source = calibrated(run, args.name)
         root = str((best.provenance.get("config") or {}).get("data", {}).get("root") or "")
-        best = best.replace(provenance={k: v if k == SEEN_KEY else portable(v) for k, v in best.provenance.items()})
+        best = best.replace(provenance={k: v if k == SEEN_KEY else portable_paths(v, None) for k, v in best.provenance.items()})
         hist = best.provenance.get("history") or []
         n_train = sum(1 for _ in open(run / "split_train.csv", encoding="utf-8")) - 1
         trained_on = (f"{n_train} images of Kermany train (every one); operating point from the pooled out-of-fold predictions "

@@ -147,7 +147,7 @@ def render_model_card(
         val_source = (f"the pooled out-of-fold predictions of the cross-validation (the run itself trained on every image; "
                       f"`{val_source}` was only monitored)")
     data_used = ((f"folder `{Path(root).name}`, training split `{dcfg.get('train_split', 'train')}`" if root else "unknown")
-                 + f"; validation: {_portable(val_source, run_dir)}"
+                 + f"; validation: {portable_paths(val_source, run_dir)}"
                  + (f" ({100 * float(dcfg.get('val_fraction', 0)):.0f}% of training patients held out, grouped by patient)"
                     if val_source == "grouped" else ""))
     data = resolve_data_card(data_card, root or None)
@@ -172,7 +172,7 @@ def render_model_card(
             _section(val["metrics"]["at_operating_threshold"], f"At the operating threshold ({bundle.threshold:.4f})"),
             _section(val["metrics"]["at_0.5"], "At threshold 0.5"),
         ]},
-        ece_bins=DEFAULT_ECE_BINS, config_yaml=yaml.safe_dump(_portable(cfg, run_dir), sort_keys=False, allow_unicode=True),
+        ece_bins=DEFAULT_ECE_BINS, config_yaml=yaml.safe_dump(portable_paths(cfg, run_dir), sort_keys=False, allow_unicode=True),
         site=_site(bundle), shift=bundle.provenance.get("shift"), cv=bundle.provenance.get("cv"),
     )
 
@@ -187,13 +187,13 @@ def _site(bundle: ModelBundle) -> dict[str, Any] | None:
             "previous": cal.get("previous") or {}}
 
 
-def _portable(value: Any, run_dir: str | Path | None) -> Any:
+def portable_paths(value: Any, run_dir: str | Path | None) -> Any:
     """``value`` (a config, or one string of it) with every absolute path made relative to the
     run directory when inside it, else reduced to its last part."""
     if isinstance(value, dict):
-        return {k: _portable(v, run_dir) for k, v in value.items()}
+        return {k: portable_paths(v, run_dir) for k, v in value.items()}
     if isinstance(value, list):
-        return [_portable(v, run_dir) for v in value]
+        return [portable_paths(v, run_dir) for v in value]
     if not isinstance(value, str):
         return value
     p = Path(value)

@@ -87,7 +87,8 @@ def refit_final(out: str | Path, cfg: TrainConfig, *, resume: bool = True) -> di
     fcfg = final_config(cfg)
     if resume and marker.is_file() and (run / "best.pt").is_file():
         log.info("final model: finished, skipped (%s)", run)
-    elif resume and (run / "last.pt").is_file() and (run / "config.yaml").is_file():
+        return json.loads(marker.read_text(encoding="utf-8"))
+    if resume and (run / "last.pt").is_file() and (run / "config.yaml").is_file():
         log.info("final model: resuming %s", run)
         train(None, run, resume=True)
     else:
