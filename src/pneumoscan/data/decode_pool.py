@@ -46,7 +46,8 @@ START_TIMEOUT_S = 60.0
 _ERRORS = {cls.__name__: cls for cls in (ImageReadError, UnsupportedFormatError, ImageTooLargeError)}
 #: What the forkserver imports once, so that a worker starts ready to decode.
 #: pydicom is not: a worker loads it before its first DICOM file, outside that file's time limit.
-_PRELOAD = ["__main__", "pneumoscan.data.decode_worker", "PIL.BmpImagePlugin", "PIL.GifImagePlugin",
+#: The guard is (by name): ``predict`` has the workers run it after decoding.
+_PRELOAD = ["__main__", "pneumoscan.data.decode_worker", "pneumoscan.guard.core", "PIL.BmpImagePlugin", "PIL.GifImagePlugin",
             "PIL.JpegImagePlugin", "PIL.PngImagePlugin", "PIL.PpmImagePlugin", "PIL.TiffImagePlugin",
             "PIL.WebPImagePlugin"]
 
@@ -82,6 +83,8 @@ def _parse_answer(msg: Any, payload_len: int, name: str) -> tuple[tuple[int, int
             raise _ERRORS.get(str(msg.get("error")), ImageReadError)(name, safe_text(msg.get("reason"), 300))
         h, w = (int(v) for v in msg["shape"])
         meta = dict(msg["meta"])
+        if "after" in msg:
+            meta["after"] = msg["after"]
     except (ValueError, TypeError, KeyError) as e:
         raise ProtocolError from e
     if not (0 < h and 0 < w and h * w <= MAX_PIXELS and payload_len == 4 * h * w):
@@ -189,7 +192,7 @@ class DecodePool:
             return sorted(w.pid for w in self._live)
 
     def decode(self, data: bytes, name: str, *, max_side: int | None, formats: Collection[str] | None,
-               timeout_s: float, max_memory: int, digest: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
+               timeout_s: float, max_memory: int, digest: bool = False, after: str | None = None) -> tuple[np.ndarray, dict[str, Any]]:
         """:func:`~pneumoscan.data.io.decode_image` in a worker, killed when it takes longer than
         ``timeout_s`` seconds (waiting for a free worker not counted).
 
@@ -202,6 +205,9 @@ class DecodePool:
             max_memory: address space the worker may add, for this task, to what it holds.
             digest: also give the content digests in the metadata (see
                 :func:`~pneumoscan.data.io.decode_image`).
+            after: ``"module:qualname"`` of a pneumoscan function ``f(pixels, meta)`` the
+                worker also runs on the decoded image (:func:`~pneumoscan.data.decode_worker.after_spec`);
+                its JSON-ready result (``None`` if it failed there) is ``meta["after"]``.
 
         Raises:
             ImageReadError: as :func:`~pneumoscan.data.io.decode_image`, or the worker overran,
@@ -209,6 +215,8 @@ class DecodePool:
         """
         task = {"name": name, "max_side": max_side, "formats": None if formats is None else sorted(formats),
                 "timeout_s": timeout_s, "max_memory": int(max_memory), "digest": bool(digest)}
+        if after:
+            task["after"] = after
         worker = self._acquire(name)
         try:
             return self._exchange(worker, task, data, name, timeout_s)

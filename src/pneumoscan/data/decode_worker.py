@@ -1,6 +1,11 @@
 """The decoding worker process of :mod:`pneumoscan.data.decode_pool`, and the messages both
 sides exchange.
 
+A task may name a function of the pneumoscan package to run on the decoded image in the worker
+too (``after``: ``"module:qualname"``, e.g. the not-a-chest-X-ray guard), so that such per-image
+work runs in parallel processes instead of the caller's threads, which share one interpreter
+lock; its JSON-ready result travels in the answer header.
+
 A message is a fixed-size frame (header length, payload length), a JSON header and raw bytes:
 the file going in, the float32 pixels coming back. Nothing is unpickled on either side. For
 each task the worker caps its own address space at its current size plus the task's
@@ -26,7 +31,7 @@ from ..errors import ImageReadError
 from .io import decode_image
 from .limits import MAX_FILE_BYTES
 
-__all__ = ["MAX_HEADER_BYTES", "RETIRE_RSS_BYTES", "ProtocolError", "recv_header", "recv_into", "send", "serve"]
+__all__ = ["AFTER_PACKAGE", "MAX_HEADER_BYTES", "RETIRE_RSS_BYTES", "ProtocolError", "after_spec", "recv_header", "recv_into", "send", "serve"]
 
 #: A worker holding more resident memory than this after a decode is replaced.
 RETIRE_RSS_BYTES = 256 << 20
@@ -152,6 +157,34 @@ def _task_limits(timeout_s: float, max_memory: int) -> Iterator[None]:  # pragma
                 resource.setrlimit(lim, value)
 
 
+#: Modules whose functions a task may name in ``after``.
+AFTER_PACKAGE = "pneumoscan."
+
+
+def after_spec(fn: Any) -> str:
+    """The ``"module:qualname"`` a task names a module-level pneumoscan function by.
+
+    Raises:
+        ValueError: ``fn`` is not a module-level function of the pneumoscan package.
+    """
+    module, qualname = getattr(fn, "__module__", "") or "", getattr(fn, "__qualname__", "") or ""
+    if not module.startswith(AFTER_PACKAGE) or not qualname.isidentifier():
+        raise ValueError(f"{fn!r} is not a module-level function of the pneumoscan package")
+    return f"{module}:{qualname}"
+
+
+def _run_after(spec: Any, arr: np.ndarray, meta: dict[str, Any]) -> Any:  # pragma: no cover - worker
+    """The result of the task's ``after`` function on the decoded image, ``None`` when it fails
+    (the caller then does that work itself)."""
+    try:
+        module, _, qualname = str(spec).partition(":")
+        if not module.startswith(AFTER_PACKAGE) or not qualname.isidentifier():
+            return None
+        return getattr(importlib.import_module(module), qualname)(arr, meta)
+    except Exception:  # noqa: BLE001 - the caller recomputes what failed here
+        return None
+
+
 def _decode_task(task: dict[str, Any], data: bytes) -> tuple[dict[str, Any], np.ndarray | None]:  # pragma: no cover - worker
     """Decode one file: the answer header (``ok``, ``shape``, ``meta``; or ``error``, the
     exception's class name, and ``reason``; ``retire`` when this worker should be replaced)
@@ -163,6 +196,8 @@ def _decode_task(task: dict[str, Any], data: bytes) -> tuple[dict[str, Any], np.
             arr, meta = decode_image(data, name, max_side=task["max_side"], formats=task["formats"], digest=bool(task.get("digest")))
             arr = np.ascontiguousarray(arr, dtype=np.float32)
             answer: dict[str, Any] = {"ok": True, "shape": list(arr.shape), "meta": meta}
+            if task.get("after"):  # within the task's limits, like the decode
+                answer["after"] = _run_after(task["after"], arr, meta)
         except ImageReadError as e:  # the readers turn an allocation failure into ImageTooLargeError
             oom = isinstance(e.__cause__, MemoryError)
             return {"ok": False, "error": type(e).__name__, "reason": f"{e.reason} {limit}" if oom else e.reason,

@@ -10,12 +10,13 @@ limit.
 """
 from __future__ import annotations
 
-from typing import Any, Collection
+from typing import Any, Callable, Collection
 
 import numpy as np
 
 from ..core.fingerprint import DIGEST_BYTES, FILE_KEY, PIXEL_KEY, file_digest
 from .decode_pool import default_pool
+from .decode_worker import after_spec
 from .io import ImageSource, name_of, read_bytes
 from .limits import DECODE_MEMORY, DECODE_TIMEOUT_S
 
@@ -31,6 +32,7 @@ def decode_isolated(
     timeout_s: float = DECODE_TIMEOUT_S,
     max_memory: int = DECODE_MEMORY,
     digest: bool = False,
+    after: Callable[[np.ndarray, dict[str, Any]], Any] | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """:func:`~pneumoscan.data.io.read_image_with_meta` in a worker process that is killed
     when it takes longer than ``timeout_s`` seconds or tries to allocate more than
@@ -53,6 +55,11 @@ def decode_isolated(
             (its interpreter and the file's bytes), in bytes.
         digest: also give the content digests in the metadata (see
             :func:`~pneumoscan.data.io.decode_image`).
+        after: a module-level pneumoscan function ``f(pixels, meta)`` with a JSON-ready result,
+            run in the worker on the decoded image as well (per-image work that would
+            otherwise compete for this interpreter's lock); its result is ``meta["after"]``
+            (``None`` when it failed in the worker: do the work here then). Not trusted more
+            than the pixels: the caller checks its shape.
 
     Raises:
         ImageReadError: as :func:`~pneumoscan.data.io.read_image` (same subclass and reason),
@@ -62,7 +69,11 @@ def decode_isolated(
     nm = name_of(source, name)
     data = read_bytes(source, nm)
     arr, meta = default_pool().decode(data, nm, max_side=max_side, formats=formats, timeout_s=timeout_s,
-                                      max_memory=max_memory, digest=digest)
+                                      max_memory=max_memory, digest=digest, after=after_spec(after) if after else None)
+    if after is None:
+        meta.pop("after", None)
+    else:
+        meta.setdefault("after", None)
     if digest:  # the file's digest from the bytes here; the worker's pixel digest only if well-formed
         px = meta.get(PIXEL_KEY)
         meta[PIXEL_KEY] = px if isinstance(px, str) and len(px) == 2 * DIGEST_BYTES and all(c in "0123456789abcdef" for c in px) else None

@@ -30,7 +30,7 @@ import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -65,6 +65,8 @@ DEFAULT_RULES: dict[str, float] = {
     "min_contrast_high_bits": 0.002,  # the same for images of more than 8 bits (131 of 65,536 levels)
     "max_colour_fraction": 0.05,  # share of clearly coloured pixels
 }
+#: The checks that can refuse an image (:attr:`GuardResult.rule`).
+RULES = ("dicom_modality", "dicom_body_part", "too_small", "aspect", "blank", "colour", "classifier")
 #: How every refusal of an image's content begins (DICOM header refusals say what the header says).
 NOT_CHEST = "does not look like a frontal chest X-ray"
 
@@ -97,6 +99,21 @@ class GuardResult:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready ``{"ok", "reason", "score", "rule"}``."""
         return {"ok": self.ok, "reason": self.reason, "score": round(self.score, 4), "rule": self.rule}
+
+    @classmethod
+    def from_worker(cls, d: Any) -> "GuardResult | None":
+        """The result :func:`check_in_worker` sent back, ``None`` when it is not one (the
+        worker decoded hostile bytes: nothing it says is taken on trust)."""
+        if not isinstance(d, dict) or set(d) != {"ok", "reason", "score", "rule"}:
+            return None
+        ok, reason, score, rule = d["ok"], d["reason"], d["score"], d["rule"]
+        if not isinstance(ok, bool) or not isinstance(score, (int, float)) or isinstance(score, bool) or not 0.0 <= score <= 1.0:
+            return None
+        if ok != (reason is None) or ok != (rule is None) or not (reason is None or (isinstance(reason, str) and len(reason) <= 500)):
+            return None
+        if rule is not None and rule not in RULES:
+            return None
+        return cls(ok, reason, float(score), rule)
 
 
 class Guard:
@@ -186,6 +203,12 @@ class Guard:
     def default(cls) -> "Guard":
         """The shipped guard (``pneumoscan/assets/guard/guard.json``), loaded once."""
         return _default_guard()
+
+    @property
+    def worker_check(self) -> Callable[[np.ndarray, dict[str, Any]], dict[str, Any]] | None:
+        """:func:`check_in_worker` when this is the shipped guard (a decoding worker process
+        can run it there, see :func:`pneumoscan.data.isolated.decode_isolated`), else ``None``."""
+        return check_in_worker if self is _default_guard() else None
 
     # ------------------------------------------------------------------ decision
     def features(self, image: np.ndarray, meta: dict[str, Any] | None = None, prepared: Prepared | None = None) -> dict[str, float]:
@@ -298,6 +321,18 @@ def _default_guard() -> Guard:
 def default_guard_path() -> Path:
     """Path of the shipped guard parameters inside the installed package."""
     return Path(str(resources.files("pneumoscan").joinpath(GUARD_DIR, GUARD_FILE)))
+
+
+def check_in_worker(image: np.ndarray, meta: dict[str, Any]) -> dict[str, Any]:
+    """The shipped guard's answer on an image a decoding worker process has just decoded, as
+    JSON (the score unrounded: :meth:`GuardResult.from_worker` rebuilds the same result).
+
+    Args:
+        image: the decoded pixels.
+        meta: the reader's metadata.
+    """
+    r = Guard.default().check(image, meta)
+    return {"ok": r.ok, "reason": r.reason, "score": r.score, "rule": r.rule}
 
 
 def check(image: np.ndarray, meta: dict[str, Any] | None = None) -> GuardResult:

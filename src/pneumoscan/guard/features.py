@@ -92,20 +92,24 @@ def _pool(x: np.ndarray, n: int) -> np.ndarray:
     return x.reshape(n, k, n, k).sum(axis=3).sum(axis=1) * (1.0 / (k * k))
 
 
-def _canonical(p: Prepared, template: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, bool]:
-    """The stretched square, the stretched content at working resolution, and whether both
-    were inverted to match the template's polarity."""
+def _canonical(p: Prepared, bank: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, bool, np.ndarray | None]:
+    """The stretched square, the stretched content at working resolution, whether both were
+    inverted to match the template's polarity, and the correlations of the square's
+    ``TEMPLATE``² thumbnail with every row of the template ``bank`` (in the returned polarity)."""
     scale = 1.0 / (p.hi - p.lo) if p.hi - p.lo > 1e-6 else 0.0
     x = np.clip((p.square - p.lo) * scale, 0.0, 1.0)
     invert = False
-    if template is not None:  # the sign of the strongest match with any variant of the template
-        c = template_bank(template) @ _unit(_pool(x, TEMPLATE))
+    c = None
+    if bank is not None:  # the sign of the strongest match with any variant of the template
+        c = bank @ _unit(_pool(x, TEMPLATE))
         invert = bool(c[int(np.argmax(np.abs(c)))] < 0)
     y0, y1, x0, x1 = p.box
     crop = np.clip((p.image[y0:y1, x0:x1] - p.lo) * scale, 0.0, 1.0)
     if invert:
-        return 1.0 - x, 1.0 - crop, True
-    return x, crop, False
+        np.subtract(1.0, x, out=x)
+        np.subtract(1.0, crop, out=crop)
+        return x, crop, True, -c  # type: ignore[operator]
+    return x, crop, False, c
 
 
 def thumbnail(img: np.ndarray, prepared: Prepared | None = None) -> np.ndarray:
@@ -117,7 +121,7 @@ def thumbnail(img: np.ndarray, prepared: Prepared | None = None) -> np.ndarray:
         prepared: :func:`prepare` of ``img``, if already computed.
     """
     p = prepared or prepare(img)
-    x, _, _ = _canonical(p, None)
+    x, _, _, _ = _canonical(p, None)
     return _zscore(_pool(x, TEMPLATE))
 
 
@@ -161,17 +165,19 @@ def template_bank(template: np.ndarray) -> np.ndarray:
     return _bank_of(np.ascontiguousarray(template, dtype=np.float64).tobytes())
 
 
-def template_features(thumb: np.ndarray, template: np.ndarray | None) -> dict[str, float]:
+def template_features(thumb: np.ndarray, template: np.ndarray | None, corr: np.ndarray | None = None) -> dict[str, float]:
     """Correlation of a thumbnail (and of its mirror image) with the chest template, and the
     best correlation with any of its zoomed, rotated or shifted variants.
 
     Args:
         thumb: ``TEMPLATE``² thumbnail.
         template: the mean chest X-ray thumbnail, or ``None`` (all features 0).
+        corr: the thumbnail's correlations with :func:`template_bank`'s rows, if already
+            computed.
     """
     if template is None:
         return {"template_corr": 0.0, "template_corr_flip": 0.0, "template_corr_best": 0.0}
-    c = template_bank(template) @ _unit(thumb)
+    c = template_bank(template) @ _unit(thumb) if corr is None else corr
     return {"template_corr": float(c[0]), "template_corr_flip": _corr(thumb[:, ::-1], template), "template_corr_best": float(c.max())}
 
 
@@ -180,20 +186,24 @@ def _symmetry_best(x32: np.ndarray) -> float:
     8 degrees or moved by up to 2 pixels (the central 24 columns against their mirror)."""
     z = _zscore(x32).astype(np.float32)
     im = Image.fromarray(z, mode="F")
-    a, b = [], []
-    for angle in (-8.0, 0.0, 8.0):
-        r = z if angle == 0 else np.asarray(im.rotate(angle, resample=Image.Resampling.BILINEAR))
-        m = r[:, ::-1]
-        for s in (-4, 0, 4):
-            a.append(r[:, 4:28].ravel())
-            b.append(m[:, 4 - s : 28 - s].ravel())
-    A = np.array(a, dtype=np.float64)
-    B = np.array(b, dtype=np.float64)
-    A -= A.mean(axis=1, keepdims=True)
-    B -= B.mean(axis=1, keepdims=True)
-    den = np.sqrt(np.einsum("ij,ij->i", A, A) * np.einsum("ij,ij->i", B, B))
-    c = np.einsum("ij,ij->i", A, B) / np.maximum(den, 1e-12)
+    rot = [np.asarray(im.rotate(angle, resample=Image.Resampling.BILINEAR)) for angle in (-8.0, 8.0)]
+    r = np.stack([rot[0], z, rot[1]]).astype(np.float64)  # (angle, row, column)
+    m = r[:, :, ::-1]
+    a = r[:, :, 4:28].reshape(3, 1, -1)  # one window per angle, against three of its mirror
+    b = np.stack([m[:, :, 4 - s : 28 - s] for s in (-4, 0, 4)], axis=1).reshape(3, 3, -1)
+    a = a - a.mean(axis=2, keepdims=True)
+    b = b - b.mean(axis=2, keepdims=True)
+    den = np.sqrt(np.einsum("aik,aik->ai", a, a) * np.einsum("ajk,ajk->aj", b, b))
+    c = np.einsum("aik,ajk->aj", a, b) / np.maximum(den, 1e-12)
     return float(c.max())
+
+
+#: Names of the features measured in groups (in :func:`image_features`' order).
+_HIST = [f"hist{i:02d}" for i in range(16)]
+_ORIENT = [f"orient{i}" for i in range(ORIENT_BINS)]
+_ROWS = [f"row{i}" for i in range(8)]
+_COLS = [f"col{i}" for i in range(8)]
+_THUMB = [f"thumb{i:02d}" for i in range(THUMB * THUMB)]
 
 
 def image_features(
@@ -217,7 +227,7 @@ def image_features(
     """
     meta = meta or {}
     p = prepared or prepare(img)
-    x, crop, inverted = _canonical(p, template)
+    x, crop, inverted, corr = _canonical(p, None if template is None else template_bank(template))
     f: dict[str, float] = {}
 
     # ---------------------------------------------------------------- intensity
@@ -227,12 +237,11 @@ def image_features(
     scale = 1.0 / (p.hi - p.lo) if p.hi - p.lo > 1e-6 else 0.0
     qs = tuple(100 - q for q in PERCENTILES) if inverted else PERCENTILES
     vals = np.clip((p.percentiles(qs) - p.lo) * scale, 0.0, 1.0)
-    for q, v in zip(PERCENTILES, 1.0 - vals if inverted else vals):
-        f[f"p{q}"] = float(v)
+    for q, v in zip(PERCENTILES, (1.0 - vals if inverted else vals).tolist()):
+        f[f"p{q}"] = v
     h64 = _hist64(x).astype(np.float64) / x.size
     # the 16 bins are sums of 4 of the 64 (their edges k/16 = 4k/64 are exact binary fractions)
-    for i, v in enumerate(h64.reshape(16, 4).sum(axis=1)):
-        f[f"hist{i:02d}"] = float(v)
+    f.update(zip(_HIST, h64.reshape(16, 4).sum(axis=1).tolist()))
     nz = h64[h64 > 0]
     f["entropy"] = float(-(nz * np.log2(nz)).sum() / 6.0)
     f["dark_frac"] = float((x < 0.05).mean())
@@ -248,8 +257,10 @@ def image_features(
     f["top3_share"] = float(top[:3].sum())
     if ch > 2 and cw > 2:
         f["nbr_corr_x"], f["nbr_corr_y"] = _neighbour_corr(crop)
-        lap = crop[1:-1, 1:-1] * 4 - crop[:-2, 1:-1] - crop[2:, 1:-1] - crop[1:-1, :-2] - crop[1:-1, 2:]
-        f["laplace"] = float(np.abs(lap).mean() / (float(crop.std()) + 1e-3))
+        lap = crop[1:-1, 1:-1] * 4  # minus the four neighbours, in place
+        for nb in (crop[:-2, 1:-1], crop[2:, 1:-1], crop[1:-1, :-2], crop[1:-1, 2:]):
+            np.subtract(lap, nb, out=lap)
+        f["laplace"] = float(np.abs(lap, out=lap).mean() / (float(crop.std()) + 1e-3))
     else:
         f["nbr_corr_x"] = f["nbr_corr_y"] = f["laplace"] = 0.0
 
@@ -260,12 +271,12 @@ def image_features(
     gy[1:-1, :] = (x[2:, :] - x[:-2, :]) / 2
     g = np.sqrt(gx * gx + gy * gy)
     gm = float(g.mean())
-    strong = g > 0.05
+    strong = np.flatnonzero(g > 0.05)  # the strong edges' indices
     f["grad_mean"] = gm
     f["grad_rel"] = gm / (sd + 1e-3)
-    f["edge_frac_05"] = float(strong.mean())
-    f["edge_frac_15"] = float((g > 0.15).mean())
-    sx, sy = gx[strong], gy[strong]
+    f["edge_frac_05"] = strong.size / g.size
+    f["edge_frac_15"] = np.count_nonzero(g > 0.15) / g.size
+    sx, sy = gx.ravel()[strong], gy.ravel()[strong]
     if sx.size > 10:
         ax, ay = np.abs(sx), np.abs(sy)
         f["axis_aligned"] = float(np.count_nonzero((ax < 0.1 * ay) | (ay < 0.1 * ax)) / sx.size)
@@ -274,10 +285,9 @@ def image_features(
     # orientation of the edges (0 = horizontal gradient, i.e. vertical edges), magnitude-weighted
     theta = np.arctan2(sy, sx) % np.pi
     bins = np.minimum((theta * (ORIENT_BINS / np.pi)).astype(np.intp), ORIENT_BINS - 1)
-    weights = g[strong]
+    weights = g.ravel()[strong]
     orient = np.bincount(bins, weights=weights, minlength=ORIENT_BINS) / (float(weights.sum()) + 1e-9)
-    for i, v in enumerate(orient):
-        f[f"orient{i}"] = float(v)
+    f.update(zip(_ORIENT, orient.tolist()))
     # how unevenly detail is spread (16-pixel blocks): photographs mix flat and busy regions
     block_sd = np.sqrt(np.maximum(_pool(x * x, 8) - _pool(x, 8) ** 2, 0.0))
     f["block_sd_cv"] = float(block_sd.std() / (block_sd.mean() + 1e-3))
@@ -293,10 +303,8 @@ def image_features(
     # region means of the z-scored square, from the 8-pixel blocks
     mean, inv = f["mean"], 1.0 / (sd + 1e-3)
     p8 = _pool(p16, 8)
-    for i, v in enumerate((p8.mean(axis=1) - mean) * inv):
-        f[f"row{i}"] = float(v)
-    for i, v in enumerate((p8.mean(axis=0) - mean) * inv):
-        f[f"col{i}"] = float(v)
+    f.update(zip(_ROWS, ((p8.mean(axis=1) - mean) * inv).tolist()))
+    f.update(zip(_COLS, ((p8.mean(axis=0) - mean) * inv).tolist()))
     c16 = p16.mean(axis=0)
     f["col_centre_minus_sides"] = float((c16[6:10].mean() - 0.5 * (c16[2:6].mean() + c16[10:14].mean())) * inv)
     border = (p16[:2].sum() + p16[-2:].sum() + p16[2:-2, :2].sum() + p16[2:-2, -2:].sum()) / (4 * 16 + 4 * 12)
@@ -304,10 +312,8 @@ def image_features(
     f["corner_mean"] = float((p16[:2, :2].sum() + p16[:2, -2:].sum() + p16[-2:, :2].sum() + p16[-2:, -2:].sum()) / 16)
     corners = np.stack([x[:16, :16], x[:16, -16:], x[-16:, :16], x[-16:, -16:]])
     f["corner_dark"] = float(np.count_nonzero(corners < 0.05) / corners.size)
-    tz = _zscore(p8)
-    for i, v in enumerate(tz.ravel()):
-        f[f"thumb{i:02d}"] = float(v)
-    f.update(template_features(_zscore(p16), template))
+    f.update(zip(_THUMB, _zscore(p8).ravel().tolist()))
+    f.update(template_features(_zscore(p16), template, corr))
 
     # ---------------------------------------------------------------- colour (from the reader)
     f["saturation"] = float(meta.get("saturation", 0.0) or 0.0)

@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 from ..data.io import read_image_with_meta
 from ..data.preprocessing import preprocess_image
 from ..errors import ImageReadError, PneumoscanError
+from ..guard.core import GuardResult
 from .records import DecodedImage
 
 T = TypeVar("T")
@@ -41,18 +42,25 @@ def decode_file(
         digest: also put the file's and the pixels' digests in the metadata (computed from the
             bytes read and while decoding: no second read or decode).
     """
+    check = None
     try:
         if timeout_s is None:
             arr, meta = read_image_with_meta(path, max_side=max_side, digest=digest)
         else:
             from ..data.isolated import decode_isolated
 
-            arr, meta = decode_isolated(path, max_side=max_side, timeout_s=timeout_s, digest=digest)
+            # the shipped guard runs in the decoding worker too: in parallel processes, not in
+            # these threads, which share one interpreter lock with the model's
+            remote = getattr(guard, "worker_check", None)
+            arr, meta = decode_isolated(path, max_side=max_side, timeout_s=timeout_s, digest=digest, after=remote)
+            if remote is not None:
+                check = GuardResult.from_worker(meta.pop("after", None))
     except PneumoscanError as e:
         return DecodedImage(path, error=error_reason(e))
     except MemoryError:
         return DecodedImage(path, error="image too large to decode in memory")
-    check = guard.check(arr, meta) if guard is not None else None
+    if check is None and guard is not None:
+        check = guard.check(arr, meta)
     x = preprocess_image(arr, input_size) if check is None or check.ok else None
     return DecodedImage(path, arr, meta, check=check, input=x)
 
