@@ -297,7 +297,7 @@ def _convert(img: Image.Image, k: int, hasher: PixelHasher | None = None) -> tup
 
     def bands() -> Iterator[tuple[int, np.ndarray]]:
         for y in range(0, h, rows):
-            band = img.crop((0, y, w, min(h, y + rows)))
+            band = img if rows >= h else img.crop((0, y, w, min(h, y + rows)))  # one band: no copy
             if colourful:
                 _add_chroma(band, step, chroma)
             grey = to_grey(band)
@@ -311,7 +311,7 @@ def _convert(img: Image.Image, k: int, hasher: PixelHasher | None = None) -> tup
 
 def _add_chroma(band: Image.Image, step: int, acc: list[int]) -> None:
     """Accumulate the chroma counts of a band reduced by ``step`` (see :func:`_colour_stats`)."""
-    small = band.convert("RGB")
+    small = band if band.mode == "RGB" else band.convert("RGB")  # read only: no copy needed
     if step > 1:
         small = small.reduce(step)
     r, g, b = (np.asarray(c, dtype=np.uint8) for c in small.split())  # contiguous planes
