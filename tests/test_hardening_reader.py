@@ -223,6 +223,21 @@ def test_dicom_decode_cost_checked_from_the_header() -> None:
         read_image(buf.getvalue(), name="wide.dcm")
 
 
+@pytest.mark.parametrize("uid", ["0.2.840.10008.1.2.1", "1.2.3.4", "1.2.840.10008.5.1.4.1.1.1.1"])
+def test_dicom_with_a_uid_that_is_no_transfer_syntax(uid: str) -> None:
+    """A transfer syntax UID that names no transfer syntax (a mutated or hostile header) is one
+    ImageReadError line, or a plain read when pydicom can still parse the data set."""
+    data = _dicom(_ramp(64, 64))
+    at = data.index(b"1.2.840.10008.1.2.1\x00")  # the file meta's transfer syntax value
+    data = data[:at] + uid.encode().ljust(20, b"\x00")[:20] + data[at + 20:]
+    try:
+        arr = read_image(data, name="odd-syntax.dcm")
+    except ImageReadError as e:
+        assert str(e).startswith("odd-syntax.dcm: ") and "\n" not in str(e)
+    else:
+        assert arr.shape == (64, 64)
+
+
 # --------------------------------------------------------------------------- DICOM frames and text
 def test_generated_multiframe_dicom_is_refused() -> None:
     frames = np.stack([np.full((32, 32), 40 * i, dtype=np.uint8) for i in range(5)])

@@ -208,9 +208,10 @@ def read_dicom(data: bytes, name: str, max_side: int | None = None, digest: bool
         slot.enter_context(big_decode(h["rows"] * h["cols"]))
         try:
             ts = _transfer_syntax(ds)
-        except Exception:  # noqa: BLE001 - hostile encodings; pydicom reports it when decoding
-            ts = None
-        if ts is not None and getattr(ts, "is_compressed", False):
+            compressed = ts is not None and bool(ts.is_compressed)
+        except Exception:  # noqa: BLE001 - hostile encodings, a UID that is no transfer syntax; pydicom reports it when decoding
+            ts, compressed = None, False
+        if compressed:
             _check_compressed_frame(ds, name)
         try:
             ds.pixel_array_options(index=0, as_rgb=True)
