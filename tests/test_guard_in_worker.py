@@ -71,3 +71,42 @@ def test_malformed_worker_answers_are_not_trusted(answer: object) -> None:
 def test_a_custom_guard_runs_in_the_caller() -> None:
     custom = Guard(dict(Guard.default().params))
     assert custom.worker_check is None
+
+
+def test_the_service_takes_the_workers_answer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``pneumoscan serve`` with the shipped guard checks uploads in the decoding worker (not
+    under its model lock): the same answers, and the service's own process never runs it."""
+    from fastapi.testclient import TestClient
+
+    from pneumoscan.inference import load_predictor
+    from pneumoscan.serving import create_app
+
+    files = [p for p in _inputs(tmp_path) if p.suffix.lower() in {".jpeg", ".png"}]
+    files = files[:2] + files[-2:]  # two chest films, noise (the classifier refuses), colour (a rule refuses)
+    expected = {p: Guard.default().check(*read_image_with_meta(p, max_side=224)) for p in files}
+    assert {r.ok for r in expected.values()} == {True, False}
+
+    def not_here(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the guard ran in the service's process")
+
+    monkeypatch.setattr(Guard, "check", not_here)
+    with TestClient(create_app(load_predictor()), base_url="http://127.0.0.1") as client:
+        for path, want in expected.items():
+            ctype = "image/png" if path.suffix == ".png" else "image/jpeg"
+            r = client.post("/v1/predict", files={"file": (path.name, path.read_bytes(), ctype)})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert (body["refused"] is None) == want.ok, (path, body["refused"])
+            assert body["extra"]["guard_score"] == round(want.score, 4)
+
+
+def test_workers_are_forked_with_the_guard_loaded() -> None:
+    """The forkserver preloads the shipped guard (parameters and template bank), so that a new
+    worker's first check does not spend its image's decode time limit on start-up."""
+    import pneumoscan.guard.warm as warm
+    from pneumoscan.data import decode_pool
+    from pneumoscan.guard.features import _bank_of
+
+    assert "pneumoscan.guard.warm" in decode_pool._PRELOAD
+    assert warm.WARM is True and warm.warm() is True
+    assert _bank_of.cache_info().currsize >= 1

@@ -46,8 +46,9 @@ START_TIMEOUT_S = 60.0
 _ERRORS = {cls.__name__: cls for cls in (ImageReadError, UnsupportedFormatError, ImageTooLargeError)}
 #: What the forkserver imports once, so that a worker starts ready to decode.
 #: pydicom is not: a worker loads it before its first DICOM file, outside that file's time limit.
-#: The guard is (by name): ``predict`` has the workers run it after decoding.
-_PRELOAD = ["__main__", "pneumoscan.data.decode_worker", "pneumoscan.guard.core", "PIL.BmpImagePlugin", "PIL.GifImagePlugin",
+#: The shipped guard is, loaded and ready (by name: ``predict`` and the service have the workers
+#: run it after decoding, and its start-up must not count against an image's time limit).
+_PRELOAD = ["__main__", "pneumoscan.data.decode_worker", "pneumoscan.guard.warm", "PIL.BmpImagePlugin", "PIL.GifImagePlugin",
             "PIL.JpegImagePlugin", "PIL.PngImagePlugin", "PIL.PpmImagePlugin", "PIL.TiffImagePlugin",
             "PIL.WebPImagePlugin"]
 

@@ -246,6 +246,7 @@ class Predictor:
         guard: Any = None,
         heatmap: bool = False,
         layer: str | None = None,
+        checks: Sequence[Any] | None = None,
     ) -> list[Prediction]:
         """Predictions for already-decoded greyscale [0,1] arrays.
 
@@ -260,10 +261,13 @@ class Predictor:
             heatmap: also compute Grad-CAM maps (``Prediction.heatmap``, at each array's
                 resolution) for the images that were predicted.
             layer: Grad-CAM target layer (default: the model's).
+            checks: the guard's result per image when already computed (e.g. by the decoding
+                worker, :meth:`pneumoscan.guard.Guard.worker_check`), ``None`` entries checked here.
         """
         names = list(names) if names is not None else [None] * len(images)
         metas = list(metas) if metas is not None else [None] * len(images)
-        items = [DecodedImage(n, a, m) for n, a, m in zip(names, images, metas)]
+        checks = list(checks) if checks is not None else [None] * len(images)
+        items = [DecodedImage(n, a, m, check=c) for n, a, m, c in zip(names, images, metas, checks)]
         return self._predict_decoded(items, self._guard_for(guard), heatmap, layer)
 
     def predict_image(

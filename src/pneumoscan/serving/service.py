@@ -26,6 +26,7 @@ from ..core.imaging import fit_within, heatmap_rgba, resize_float, to_uint8
 from ..core.labels import CLASS_NAMES
 from ..data.isolated import decode_isolated
 from ..errors import PneumoscanError
+from ..guard.core import GuardResult
 from ..inference.predictor import Predictor
 from ..utils.io import sha256_file
 from ..utils.version import __version__
@@ -74,7 +75,7 @@ class InferenceService:
         Image.new("L", (8, 8)).save(buf, format="PNG")
         limits = {**self.decode_limits, "timeout_s": max(WARM_UP_TIMEOUT_S, self.decode_limits["timeout_s"])}
         try:
-            decode_isolated(buf.getvalue(), "warm-up.png", **limits)
+            decode_isolated(buf.getvalue(), "warm-up.png", after=getattr(self.guard, "worker_check", None), **limits)
         except PneumoscanError as e:
             log.warning("decoding workers did not start (%s): the first upload will try again", str(e).splitlines()[0])
 
@@ -118,16 +119,20 @@ class InferenceService:
         name = {"DICOM": "upload.dcm", "PNG": "upload.png"}.get(fmt, "upload.jpg")
         # exactly the decode of Predictor.predict_image (JPEG draft mode down to the side the
         # model, and the guard when it is on, read at): the service answers what `pneumoscan predict` answers
-        arr, meta = decode_isolated(data, name, max_side=p._read_side(self.guard), digest=p.seen is not None, **self.decode_limits)
+        # the shipped guard runs in the decoding worker too: in parallel, outside the model lock
+        remote = getattr(self.guard, "worker_check", None)
+        arr, meta = decode_isolated(data, name, max_side=p._read_side(self.guard), digest=p.seen is not None, after=remote,
+                                    **self.decode_limits)
+        check = GuardResult.from_worker(meta.pop("after", None)) if remote is not None else None
         view = arr
         if want_preview and fmt == "JPEG" and max(arr.shape) < OVERLAY_MAX_SIDE < max(meta.get("original_size", (0, 0))):
             view = decode_isolated(data, name, max_side=OVERLAY_MAX_SIDE, **self.decode_limits)[0]  # a sharper preview
         del data
         t1 = time.perf_counter()
         timing["decode"] = (t1 - t0) * 1000.0
-        with self.model_lock:  # guard, predict and explain (a refusal is a Prediction with ``refused`` set)
+        with self.model_lock:  # (guard,) predict and explain (a refusal is a Prediction with ``refused`` set)
             pred = p.predict_arrays([arr], metas=[meta], guard=self.guard if self.guard is not None else False,
-                                    heatmap=want_heatmap and self.heatmap_supported)[0]
+                                    checks=[check], heatmap=want_heatmap and self.heatmap_supported)[0]
         t2 = time.perf_counter()
         timing["inference"] = (t2 - t1) * 1000.0
         ow, oh = meta.get("original_size", (arr.shape[1], arr.shape[0]))
