@@ -161,6 +161,11 @@ def _task_limits(timeout_s: float, max_memory: int) -> Iterator[None]:  # pragma
 AFTER_PACKAGE = "pneumoscan."
 
 
+def _nameable(module: str, qualname: str) -> bool:
+    """Whether a task may name this function: module level, in the pneumoscan package."""
+    return module.startswith(AFTER_PACKAGE) and qualname.isidentifier()
+
+
 def after_spec(fn: Any) -> str:
     """The ``"module:qualname"`` a task names a module-level pneumoscan function by.
 
@@ -168,7 +173,7 @@ def after_spec(fn: Any) -> str:
         ValueError: ``fn`` is not a module-level function of the pneumoscan package.
     """
     module, qualname = getattr(fn, "__module__", "") or "", getattr(fn, "__qualname__", "") or ""
-    if not module.startswith(AFTER_PACKAGE) or not qualname.isidentifier():
+    if not _nameable(module, qualname):
         raise ValueError(f"{fn!r} is not a module-level function of the pneumoscan package")
     return f"{module}:{qualname}"
 
@@ -178,7 +183,7 @@ def _run_after(spec: Any, arr: np.ndarray, meta: dict[str, Any]) -> Any:  # prag
     (the caller then does that work itself)."""
     try:
         module, _, qualname = str(spec).partition(":")
-        if not module.startswith(AFTER_PACKAGE) or not qualname.isidentifier():
+        if not _nameable(module, qualname):
             return None
         return getattr(importlib.import_module(module), qualname)(arr, meta)
     except Exception:  # noqa: BLE001 - the caller recomputes what failed here

@@ -335,6 +335,33 @@ def check_in_worker(image: np.ndarray, meta: dict[str, Any]) -> dict[str, Any]:
     return {"ok": r.ok, "reason": r.reason, "score": r.score, "rule": r.rule}
 
 
+def decode_checked(source: ImageSource, guard: Guard | None, name: str | None = None,
+                   **decode: Any) -> tuple[np.ndarray, dict[str, Any], GuardResult | None]:
+    """:func:`~pneumoscan.data.isolated.decode_isolated`, with the shipped guard's check run by
+    the decoding worker too (in parallel processes, not in the caller's threads, which share one
+    interpreter lock with the model's).
+
+    Args:
+        source: a path, bytes or a binary stream.
+        guard: the guard the caller applies, or ``None``.
+        name: the name used in error messages.
+        **decode: the other arguments of ``decode_isolated`` (``max_side``, ``timeout_s``, ...).
+
+    Returns:
+        The pixels, the metadata and the guard's result; the result is ``None`` when there is no
+        guard, when it is not the shipped one, or when the worker's answer was unusable: the
+        caller checks the image itself then.
+
+    Raises:
+        ImageReadError: as ``decode_isolated``.
+    """
+    from ..data.isolated import decode_isolated  # here: the workers import this module, not the pool
+
+    remote = guard.worker_check if guard is not None else None
+    arr, meta = decode_isolated(source, name, after=remote, **decode)
+    return arr, meta, GuardResult.from_worker(meta.pop("after", None)) if remote is not None else None
+
+
 def check(image: np.ndarray, meta: dict[str, Any] | None = None) -> GuardResult:
     """Run the shipped guard on one decoded image.
 

@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 from ..data.io import read_image_with_meta
 from ..data.preprocessing import preprocess_image
 from ..errors import ImageReadError, PneumoscanError
-from ..guard.core import GuardResult
+from ..guard.core import decode_checked
 from .records import DecodedImage
 
 T = TypeVar("T")
@@ -46,15 +46,8 @@ def decode_file(
     try:
         if timeout_s is None:
             arr, meta = read_image_with_meta(path, max_side=max_side, digest=digest)
-        else:
-            from ..data.isolated import decode_isolated
-
-            # the shipped guard runs in the decoding worker too: in parallel processes, not in
-            # these threads, which share one interpreter lock with the model's
-            remote = getattr(guard, "worker_check", None)
-            arr, meta = decode_isolated(path, max_side=max_side, timeout_s=timeout_s, digest=digest, after=remote)
-            if remote is not None:
-                check = GuardResult.from_worker(meta.pop("after", None))
+        else:  # the shipped guard checks it in the decoding worker
+            arr, meta, check = decode_checked(path, guard, max_side=max_side, timeout_s=timeout_s, digest=digest)
     except PneumoscanError as e:
         return DecodedImage(path, error=error_reason(e))
     except MemoryError:

@@ -26,7 +26,7 @@ from ..core.imaging import fit_within, heatmap_rgba, resize_float, to_uint8
 from ..core.labels import CLASS_NAMES
 from ..data.isolated import decode_isolated
 from ..errors import PneumoscanError
-from ..guard.core import GuardResult
+from ..guard.core import decode_checked
 from ..inference.predictor import Predictor
 from ..utils.io import sha256_file
 from ..utils.version import __version__
@@ -75,7 +75,7 @@ class InferenceService:
         Image.new("L", (8, 8)).save(buf, format="PNG")
         limits = {**self.decode_limits, "timeout_s": max(WARM_UP_TIMEOUT_S, self.decode_limits["timeout_s"])}
         try:
-            decode_isolated(buf.getvalue(), "warm-up.png", after=getattr(self.guard, "worker_check", None), **limits)
+            decode_isolated(buf.getvalue(), "warm-up.png", **limits)  # the workers are forked with the guard loaded
         except PneumoscanError as e:
             log.warning("decoding workers did not start (%s): the first upload will try again", str(e).splitlines()[0])
 
@@ -119,11 +119,9 @@ class InferenceService:
         name = {"DICOM": "upload.dcm", "PNG": "upload.png"}.get(fmt, "upload.jpg")
         # exactly the decode of Predictor.predict_image (JPEG draft mode down to the side the
         # model, and the guard when it is on, read at): the service answers what `pneumoscan predict` answers
-        # the shipped guard runs in the decoding worker too: in parallel, outside the model lock
-        remote = getattr(self.guard, "worker_check", None)
-        arr, meta = decode_isolated(data, name, max_side=p._read_side(self.guard), digest=p.seen is not None, after=remote,
-                                    **self.decode_limits)
-        check = GuardResult.from_worker(meta.pop("after", None)) if remote is not None else None
+        # the shipped guard checks it in the decoding worker: in parallel, outside the model lock
+        arr, meta, check = decode_checked(data, self.guard, name, max_side=p._read_side(self.guard), digest=p.seen is not None,
+                                          **self.decode_limits)
         view = arr
         if want_preview and fmt == "JPEG" and max(arr.shape) < OVERLAY_MAX_SIDE < max(meta.get("original_size", (0, 0))):
             view = decode_isolated(data, name, max_side=OVERLAY_MAX_SIDE, **self.decode_limits)[0]  # a sharper preview
