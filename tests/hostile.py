@@ -51,7 +51,7 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
 
 
 def png_bytes(width: int, height: int, row: bytes | None = None, *, bit_depth: int = 8, colour_type: int = 0,
-              extra_chunks: tuple[bytes, ...] = (), idat: bytes | None = None) -> bytes:
+              extra_chunks: tuple[bytes, ...] = (), idat: bytes | None = None, filter_type: int = 0) -> bytes:
     """A PNG whose every scanline is ``row`` (filter byte 0 prepended), compressed as a
     stream so that a large solid image costs little memory.
 
@@ -61,12 +61,13 @@ def png_bytes(width: int, height: int, row: bytes | None = None, *, bit_depth: i
         bit_depth, colour_type: IHDR fields (0 = greyscale, 2 = RGB, 6 = RGBA).
         extra_chunks: complete chunks inserted before IDAT.
         idat: raw IDAT payload overriding the generated one.
+        filter_type: the filter byte of every scanline (0 = none; 4 = Paeth, the slowest to undo).
     """
     ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
     if idat is None:
         assert row is not None
         comp = zlib.compressobj(1)
-        line = b"\x00" + row
+        line = bytes([filter_type]) + row
         parts = []
         block = line * max(1, (1 << 20) // len(line))
         rows_per_block = len(block) // len(line)
