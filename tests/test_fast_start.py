@@ -195,3 +195,25 @@ def test_serve_cli_backend_flag() -> None:
     parser = build_parser()
     assert parser.parse_args(["serve"]).backend == "auto"
     assert parser.parse_args(["serve", "--backend", "onnx"]).backend == "onnx"
+
+
+@pytest.mark.parametrize("argv, started", [
+    (["-q", "predict", "x.png"], True),
+    (["predict", "--decode-timeout", "0", "x.png"], False),
+    (["predict", "--decode-timeout=0", "x.png"], False),
+    (["predict", "--help"], False),
+    (["models"], False),
+])
+def test_predict_starts_the_decoders_forkserver_before_the_parser(argv: list[str], started: bool) -> None:
+    """``pneumoscan predict`` starts the decoding workers' forkserver first thing (its imports run
+    beside the command's own), and nothing else does; the server preloads the reader and the guard
+    without this process importing NumPy for it."""
+    code = (
+        "import sys, multiprocessing.forkserver as fs\n"
+        "from pneumoscan.cli import _early_start\n"
+        f"_early_start({argv!r})\n"
+        "print(fs._forkserver._forkserver_pid is not None, 'numpy' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout.split()
+    assert out[0] == str(started)
+    assert out[1] == "False"  # the early start itself imports no NumPy

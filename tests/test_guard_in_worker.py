@@ -104,9 +104,9 @@ def test_workers_are_forked_with_the_guard_loaded() -> None:
     """The forkserver preloads the shipped guard (parameters and template bank), so that a new
     worker's first check does not spend its image's decode time limit on start-up."""
     import pneumoscan.guard.warm as warm
-    from pneumoscan.data import decode_pool
+    from pneumoscan.data import forkserver
     from pneumoscan.guard.features import _bank_of
 
-    assert "pneumoscan.guard.warm" in decode_pool._PRELOAD
+    assert "pneumoscan.guard.warm" in forkserver.PRELOAD
     assert warm.WARM is True and warm.warm() is True
     assert _bank_of.cache_info().currsize >= 1

@@ -279,3 +279,22 @@ def test_predict_without_checkpoint_uses_the_default_model(cli, tmp_path: Path, 
     monkeypatch.setattr(dm, "default_model_dir", lambda: tmp_path)
     res = cli("predict", "--samples")
     assert res.code == 1 and "not installed" in res.err and "Traceback" not in res.err
+
+
+def test_prediction_to_dict_keeps_field_order_and_drops_the_heatmap() -> None:
+    from dataclasses import asdict
+
+    from pneumoscan.inference.records import Prediction
+
+    heat = np.ones((4, 4), dtype=np.float32)
+    for p in (
+        Prediction("a.png", 0.8, "PNEUMONIA", 0.5, "m", heatmap=heat, extra={"guard_score": 0.99, "seen_as": "train"}, warnings=["w"]),
+        Prediction("b.png", None, None, 0.5, "m", error="unreadable"),
+        Prediction("c.png", None, None, 0.5, "m", refused="not a chest X-ray", extra={"guard_score": 0.01}),
+    ):
+        ref = {k: v for k, v in asdict(p).items() if k not in ("heatmap", "extra") and not (k in ("error", "refused") and v is None)}
+        ref.update(p.extra)
+        d = p.to_dict()
+        assert d == ref and list(d) == list(ref) and "heatmap" not in d
+        assert d["warnings"] is not p.warnings  # a copy: the caller may change it
+        json.dumps(d)

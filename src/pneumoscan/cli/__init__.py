@@ -117,6 +117,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Sub-commands that decode in worker processes by default: their forkserver starts before the
+#: parser imports the command modules.
+DECODING_COMMANDS = ("predict",)
+
+
+def _early_start(argv: Sequence[str]) -> None:
+    """Start the decoding workers' forkserver now when the command will decode images in them
+    (``predict``, unless told not to), so that the server's imports run on another core while
+    this process imports the rest and loads the model."""
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command not in DECODING_COMMANDS or any(a in ("-h", "--help", "--decode-timeout=0") for a in argv):
+        return
+    if any(a == "--decode-timeout" and b in ("0", "0.0") for a, b in zip(argv, argv[1:])):
+        return
+    from ..data.forkserver import start_forkserver
+
+    start_forkserver()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pneumoscan`` console script.
 
@@ -127,6 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         The exit code: 0 on success, 1 on an error, 2 on a usage error or a missing optional
         dependency (one line naming the extra to install), 130 when interrupted.
     """
+    _early_start(sys.argv[1:] if argv is None else list(argv))
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(-1 if args.quiet else args.verbose)

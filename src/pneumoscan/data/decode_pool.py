@@ -18,7 +18,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import logging
-import multiprocessing
 import os
 import select
 import signal
@@ -32,6 +31,7 @@ import numpy as np
 from ..errors import ImageReadError, ImageTooLargeError, UnsupportedFormatError
 from ..utils.text import safe_text
 from .decode_worker import ProtocolError, recv_header, recv_into, send, serve
+from .forkserver import mp_context
 from .formats import sniff_format
 from .limits import MAX_PIXELS
 
@@ -44,31 +44,8 @@ MAX_TASKS = 500
 #: Longest wait for a new worker to say it is ready (the first also starts the forkserver).
 START_TIMEOUT_S = 60.0
 _ERRORS = {cls.__name__: cls for cls in (ImageReadError, UnsupportedFormatError, ImageTooLargeError)}
-#: What the forkserver imports once, so that a worker starts ready to decode.
-#: pydicom is not: a worker loads it before its first DICOM file, outside that file's time limit.
-#: The shipped guard is, loaded and ready (by name: ``predict`` and the service have the workers
-#: run it after decoding, and its start-up must not count against an image's time limit).
-_PRELOAD = ["__main__", "pneumoscan.data.decode_worker", "pneumoscan.guard.warm", "PIL.BmpImagePlugin", "PIL.GifImagePlugin",
-            "PIL.JpegImagePlugin", "PIL.PngImagePlugin", "PIL.PpmImagePlugin", "PIL.TiffImagePlugin",
-            "PIL.WebPImagePlugin"]
-
-_context: Any = None
-_context_lock = threading.Lock()
+#: Held while a worker process is being started (one fork request at a time).
 _start_lock = threading.Lock()
-
-
-def _mp_context() -> Any:
-    """The multiprocessing context of the workers; the forkserver preloads the reader (Pillow's
-    plugins included), so that a worker starts in milliseconds, ready to decode."""
-    global _context
-    with _context_lock:
-        if _context is None:
-            if "forkserver" in multiprocessing.get_all_start_methods():
-                _context = multiprocessing.get_context("forkserver")
-                _context.set_forkserver_preload(_PRELOAD)
-            else:  # pragma: no cover - Windows
-                _context = multiprocessing.get_context("spawn")
-        return _context
 
 
 # ----------------------------------------------------------------------------- the caller's side
@@ -300,7 +277,7 @@ class DecodePool:
         """A new worker, once it has said it is ready."""
         ours, theirs = socket.socketpair()
         try:
-            proc = _mp_context().Process(target=serve, args=(theirs,), name="pneumoscan-decode", daemon=True)
+            proc = mp_context().Process(target=serve, args=(theirs,), name="pneumoscan-decode", daemon=True)
             with _start_lock:
                 proc.start()
         except OSError as e:
@@ -402,9 +379,9 @@ def _at_exit() -> None:
 def _after_fork_in_child() -> None:  # pragma: no cover - runs in a forked child
     """A forked child does not share its parent's workers: it drops its copies of their
     sockets (and locks another thread may have held at the fork)."""
-    global _pool, _pool_lock, _context_lock, _start_lock
+    global _pool, _pool_lock, _start_lock
     pool, _pool = _pool, None
-    _pool_lock, _context_lock, _start_lock = threading.Lock(), threading.Lock(), threading.Lock()
+    _pool_lock, _start_lock = threading.Lock(), threading.Lock()
     if pool is not None:
         for w in list(pool._live):
             with contextlib.suppress(OSError):

@@ -2,7 +2,7 @@
 to a batch, :class:`Prediction` is one image's answer."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -69,10 +69,14 @@ class Prediction:
         return "error" if self.error is not None else "refused" if self.refused is not None else "ok"
 
     def to_dict(self) -> dict[str, Any]:
-        d = {k: v for k, v in asdict(self).items() if k not in ("heatmap", "extra")}
-        if d["error"] is None:
-            d.pop("error")
-        if d["refused"] is None:
-            d.pop("refused")
+        # the fields in their order, without the heat map; built directly (``asdict`` would
+        # deep-copy the heat map and ``extra`` only to drop them)
+        d: dict[str, Any] = {"path": self.path, "probability": self.probability, "label": self.label,
+                             "threshold": self.threshold, "model": self.model}
+        if self.error is not None:
+            d["error"] = self.error
+        if self.refused is not None:
+            d["refused"] = self.refused
+        d["warnings"] = list(self.warnings)
         d.update(self.extra)
         return d

@@ -46,6 +46,8 @@ def safe_text(value: object, limit: int = 64) -> str:
     else:
         text = str(value)
     limit = max(4, int(limit))
+    if len(text) <= limit and text.isprintable():  # the common case: nothing to escape or cut
+        return text
     parts: list[str] = []
     used = 0
     for ch in text:
