@@ -69,6 +69,10 @@ def test_predict_benchmark_smoke(cli, tiny_run: Path, xray_dir: Path, fullres_di
     assert by["onnx-fp32"]["extra"]["max_abs_prob_diff_vs_fp32"] < 1e-3
     assert by["torch-bf16"]["extra"]["max_abs_prob_diff_vs_fp32"] < 0.02
     assert "p50 ms" in r.out
+    # the end-to-end ratio of each round (baseline script and pneumoscan predict run back to back)
+    e2e = by["e2e-predict"]["extra"]
+    assert len(e2e["e2e_ratio_rounds"]) == 1 and abs(e2e["e2e_ratio_rounds"][0] - e2e["e2e_ratio"]) < 0.01
+    assert f"per round {e2e['e2e_ratio_rounds'][0]:.2f}x" in r.out
 
 
 def test_serve_benchmark_smoke(cli, tiny_run: Path, fullres_dir: Path, tmp_path: Path) -> None:

@@ -206,6 +206,7 @@ class BenchReport:
         for t in self.targets:
             lines.append(
                 f"target: {t['what']}: {t['measured']} (goal {t['goal']}) -> {'MET' if t['met'] else 'NOT MET'}"
+                + (f"; per round {t['rounds']}" if t.get("rounds") else "")
             )
         lines += [f"note: {n}" for n in self.notes]
         lines.append(f"load average at end: {self.machine.get('load_avg_1min_end')}")
