@@ -2,8 +2,8 @@
 runs on.
 
 Each worker (:mod:`pneumoscan.data.decode_worker`) is a child of the ``multiprocessing``
-forkserver (``spawn`` where there is none; never a plain ``fork`` of a threaded caller) and
-decodes one image at a time, capping its own memory for each task. The caller enforces the
+forkserver (:mod:`pneumoscan.data.forkserver`; ``spawn`` where there is none; never a plain
+``fork`` of a threaded caller) and decodes one image at a time, capping its own memory for each task. The caller enforces the
 wall-clock limit: it kills a worker that overruns, dies or answers nonsense, and the next call
 starts a fresh one. Workers are also replaced after :data:`MAX_TASKS` tasks, after running out
 of memory or hitting a decoder bug, and when they hold more than

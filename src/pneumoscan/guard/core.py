@@ -208,7 +208,8 @@ class Guard:
     def worker_check(self) -> Callable[[np.ndarray, dict[str, Any]], dict[str, Any]] | None:
         """:func:`check_in_worker` when this is the shipped guard (a decoding worker process
         can run it there, see :func:`pneumoscan.data.isolated.decode_isolated`), else ``None``."""
-        return check_in_worker if self is _default_guard() else None
+        # the shipped guard is loaded once it exists: a custom guard never loads it just to compare
+        return check_in_worker if _default_guard.cache_info().currsize and self is _default_guard() else None
 
     # ------------------------------------------------------------------ decision
     def features(self, image: np.ndarray, meta: dict[str, Any] | None = None, prepared: Prepared | None = None) -> dict[str, float]:

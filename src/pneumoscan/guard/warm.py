@@ -1,4 +1,4 @@
-"""Imported by the decoding workers' forkserver (``pneumoscan.data.decode_pool``, by name): it
+"""Imported by the decoding workers' forkserver (``pneumoscan.data.forkserver.PRELOAD``, by name): it
 reads the shipped guard's parameters and builds its template bank once, so that every worker
 forked from it checks its first image at once. Otherwise each new worker would pay that
 start-up (tens of milliseconds, more on a busy machine) inside its first image's decode time
