@@ -28,6 +28,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..errors import ImageReadError
+from ..utils.runtime import WORKER_MMAP_THRESHOLD, WORKER_TRIM_THRESHOLD, tune_malloc
 from .io import decode_image
 from .limits import MAX_FILE_BYTES
 
@@ -216,19 +217,26 @@ def _decode_task(task: dict[str, Any], data: bytes) -> tuple[dict[str, Any], np.
     return answer, arr
 
 
-def serve(sock: socket.socket) -> None:  # pragma: no cover - runs in the worker
-    """The worker process: say ready, then answer one task at a time (header: ``name``,
-    ``max_side``, ``formats``, ``timeout_s``, ``max_memory``; payload: the file) until the
-    caller closes the socket (or has gone), or after an answer that says this worker retires.
-    ``{"prepare": "DICOM"}`` loads pydicom and answers ready.
+def serve(sock: socket.socket, nice: int = 0) -> None:  # pragma: no cover - runs in the worker
+    """The worker process: tune its allocator (:func:`~pneumoscan.utils.runtime.tune_malloc`
+    with the workers' thresholds), lower its CPU priority by ``nice``, say ready
+    (``{"ready": true, "malloc": setting}``), then answer one task at a time (header: ``name``, ``max_side``, ``formats``, ``timeout_s``,
+    ``max_memory``; payload: the file) until the caller closes the socket (or has gone), or
+    after an answer that says this worker retires. ``{"prepare": "DICOM"}`` loads pydicom and
+    answers ready.
 
     Args:
         sock: the worker's end of a socket pair.
+        nice: niceness to add to the caller's (0: the same priority).
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the caller's to handle
     sock.settimeout(None)
+    setting = tune_malloc(WORKER_MMAP_THRESHOLD, WORKER_TRIM_THRESHOLD)
+    if nice > 0 and hasattr(os, "nice"):
+        with contextlib.suppress(OSError):  # a lower priority is always allowed; never fail over it
+            os.nice(min(int(nice), 19))
     with contextlib.suppress(EOFError, OSError, ProtocolError):  # the caller has gone: end quietly
-        send(sock, {"ready": True})
+        send(sock, {"ready": True, "malloc": setting})
         while True:
             task, size = recv_header(sock, None)
             if task == {"prepare": "DICOM"}:  # once, before the first DICOM task: the file plays no part

@@ -9,6 +9,11 @@ inference 70 → 210 img/s, fp32 fine-tuning 20 → 36 img/s; onnxruntime (its o
 bf16 autocast are unaffected. The price: up to :data:`TRIM_THRESHOLD` of freed memory stays
 with the process instead of going back to the system.
 
+The decoding worker processes tune their own allocator at start, with lower thresholds
+(:data:`WORKER_MMAP_THRESHOLD`, :data:`WORKER_TRIM_THRESHOLD`): with glibc's defaults the
+reader's and the guard's image-sized arrays page-fault in anew for every image (about 25 faults
+an image; 624 images: 95,000 → 7,500 page faults, about 6 % less of the workers' CPU time).
+
 Set ``PNEUMOSCAN_MALLOC=system`` to keep the C library's defaults. Nothing is changed when the
 process already chose (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``,
 ``GLIBC_TUNABLES``, or another allocator preloaded), or off glibc.
@@ -26,6 +31,11 @@ log = logging.getLogger(__name__)
 MMAP_THRESHOLD = 128 * 1024 * 1024
 #: Free memory at the top of the heap kept before it is returned to the system.
 TRIM_THRESHOLD = 256 * 1024 * 1024
+#: The decoding worker processes' thresholds (:mod:`pneumoscan.data.decode_worker`): their
+#: image-sized buffers (a few hundred KB each, several per image) stay in the heap, and at most
+#: this little freed memory stays with a worker, which is replaced when it holds too much.
+WORKER_MMAP_THRESHOLD = 4 * 1024 * 1024
+WORKER_TRIM_THRESHOLD = 16 * 1024 * 1024
 #: ``PNEUMOSCAN_MALLOC=system`` keeps glibc's defaults.
 ENV = "PNEUMOSCAN_MALLOC"
 
@@ -34,22 +44,27 @@ _USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUN
 _state: dict[str, str] = {}
 
 
-def tune_malloc() -> str:
+def tune_malloc(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = TRIM_THRESHOLD) -> str:
     """Raise glibc's mmap and trim thresholds for this process (see the module docstring).
+
+    Args:
+        mmap_threshold: blocks up to this size (bytes) come from the heap.
+        trim_threshold: free memory (bytes) at the top of the heap kept from the system.
 
     Returns:
         What the allocator runs with: ``"tuned"``, or why not (``"system (PNEUMOSCAN_MALLOC)"``,
         ``"system (MALLOC_TRIM_THRESHOLD_ set)"``, ``"system (not glibc)"``, ...). Also
         available afterwards from :func:`malloc_setting`.
     """
-    if _state.get("setting") == "tuned":
+    if _state.get("setting") == "tuned" and _state.get("thresholds") == (mmap_threshold, trim_threshold):
         return "tuned"
-    _state["setting"] = setting = _tune()
+    _state["setting"] = setting = _tune(mmap_threshold, trim_threshold)
+    _state["thresholds"] = (mmap_threshold, trim_threshold)
     log.debug("allocator: %s", setting)
     return setting
 
 
-def _tune() -> str:
+def _tune(mmap_threshold: int, trim_threshold: int) -> str:
     if os.environ.get(ENV, "").strip().lower() in ("system", "off", "0", "no"):
         return f"system ({ENV})"
     for k in _USER_SETTINGS:
@@ -68,7 +83,7 @@ def _tune() -> str:
         return "system (not glibc)"
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    if mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) != 1 or mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) != 1:
+    if mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold)) != 1 or mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)) != 1:
         return "system (mallopt refused)"
     return "tuned"
 
