@@ -25,12 +25,15 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 os.environ["MPLBACKEND"] = "Agg"  # before anything imports matplotlib
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+if TYPE_CHECKING:
+    from pneumoscan.data.decode_pool import DecodePool
 
 torch.set_num_threads(2)
 
@@ -150,3 +153,13 @@ def cli_subprocess() -> Callable[..., CliResult]:
         return CliResult(p.returncode, p.stdout, p.stderr)
 
     return run
+
+
+@pytest.fixture()
+def fresh_pool() -> Iterator["DecodePool"]:
+    """The process-wide decoding pool, restarted empty for the test and stopped after it."""
+    from pneumoscan.data.decode_pool import default_pool, shutdown_decode_pool
+
+    shutdown_decode_pool()
+    yield default_pool()
+    shutdown_decode_pool()

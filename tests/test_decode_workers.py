@@ -7,11 +7,10 @@ import ctypes
 import os
 import sys
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
-from pneumoscan.data.decode_pool import DECODE_NICE, DECODE_NICE_ENV, DecodePool, decode_nice, default_pool, shutdown_decode_pool
+from pneumoscan.data.decode_pool import DECODE_NICE, DECODE_NICE_ENV, DecodePool, decode_nice
 from pneumoscan.data.isolated import decode_isolated
 
 try:
@@ -21,14 +20,6 @@ except (OSError, AttributeError):
     HAVE_GLIBC = False
 #: Environment variables by which a user chooses the allocator settings (then left alone).
 USER_SETTINGS = ("PNEUMOSCAN_MALLOC", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES", "LD_PRELOAD")
-
-
-@pytest.fixture()
-def fresh_pool() -> Iterator[DecodePool]:
-    """The process-wide decoding pool, restarted empty for the test and stopped after it."""
-    shutdown_decode_pool()
-    yield default_pool()
-    shutdown_decode_pool()
 
 
 def _film(fixtures_dir: Path) -> Path:

@@ -12,14 +12,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pydicom
 import pytest
 from PIL import Image, ImageOps
 
-from pneumoscan.data.decode_pool import DecodePool, _parse_answer, default_pool, shutdown_decode_pool
+from pneumoscan.data.decode_pool import DecodePool, _parse_answer, shutdown_decode_pool
 from pneumoscan.data.decode_worker import ProtocolError
 from pneumoscan.data.formats import jpeg_info, sniff_format
 from pneumoscan.data.io import read_image, read_image_with_meta
@@ -320,14 +319,6 @@ def test_decode_isolated_stops_at_the_deadline(rgba_png: Path) -> None:
 def test_decode_isolated_memory_limit(rgba_png: Path) -> None:
     with pytest.raises(ImageTooLargeError, match="rgba.png: image too large to decode"):
         decode_isolated(rgba_png, max_side=224, max_memory=16 << 20)
-
-
-@pytest.fixture()
-def fresh_pool() -> Iterator[DecodePool]:
-    """The process-wide decoding pool, restarted empty for the test and stopped after it."""
-    shutdown_decode_pool()
-    yield default_pool()
-    shutdown_decode_pool()
 
 
 def _gone(pid: int, within_s: float = 5.0) -> bool:
