@@ -220,10 +220,10 @@ def _decode_task(task: dict[str, Any], data: bytes) -> tuple[dict[str, Any], np.
 def serve(sock: socket.socket, nice: int = 0) -> None:  # pragma: no cover - runs in the worker
     """The worker process: tune its allocator (:func:`~pneumoscan.utils.runtime.tune_malloc`
     with the workers' thresholds), lower its CPU priority by ``nice``, say ready
-    (``{"ready": true, "malloc": setting}``), then answer one task at a time (header: ``name``, ``max_side``, ``formats``, ``timeout_s``,
-    ``max_memory``; payload: the file) until the caller closes the socket (or has gone), or
-    after an answer that says this worker retires. ``{"prepare": "DICOM"}`` loads pydicom and
-    answers ready.
+    (``{"ready": true, "malloc": setting}``), then answer one task at a time (header:
+    ``name``, ``max_side``, ``formats``, ``timeout_s``, ``max_memory``; payload: the file)
+    until the caller closes the socket (or has gone), or after an answer that says this worker
+    retires. ``{"prepare": "DICOM"}`` loads pydicom and answers ready.
 
     Args:
         sock: the worker's end of a socket pair.
