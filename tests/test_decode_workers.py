@@ -1,6 +1,7 @@
-"""How the decoding worker processes run (:mod:`pneumoscan.data.decode_pool`): at a lower CPU
-priority than their caller (``PNEUMOSCAN_DECODE_NICE`` overrides it, 0 keeps the caller's), with
-their allocator tuned (``pneumoscan.utils.runtime``)."""
+"""How the decoding worker processes run (:mod:`pneumoscan.data.decode_pool`): at their pool's
+priority (the caller's by default, niceness +5 for ``pneumoscan predict``;
+``PNEUMOSCAN_DECODE_NICE`` overrides it), with their allocator tuned
+(``pneumoscan.utils.runtime``)."""
 from __future__ import annotations
 
 import ctypes
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pneumoscan.data.decode_pool import DECODE_NICE, DECODE_NICE_ENV, DecodePool, decode_nice
+from pneumoscan.data.decode_pool import DECODE_NICE, DECODE_NICE_ENV, DecodePool, decode_nice, default_pool
 from pneumoscan.data.isolated import decode_isolated
 
 try:
@@ -26,19 +27,39 @@ def _film(fixtures_dir: Path) -> Path:
     return fixtures_dir / "fullres" / "NORMAL2-IM-1438-0001.jpeg"
 
 
+def _niceness(pid: int = 0) -> int:
+    return os.getpriority(os.PRIO_PROCESS, pid)
+
+
 @pytest.mark.skipif(not hasattr(os, "getpriority"), reason="POSIX process priorities")
-@pytest.mark.parametrize(("value", "added"), [(None, DECODE_NICE), ("0", 0), ("3", 3), ("40", 19), ("-4", 0), ("high", DECODE_NICE)])
-def test_workers_run_at_a_lower_priority(fresh_pool: DecodePool, fixtures_dir: Path, monkeypatch: pytest.MonkeyPatch,
-                                         value: str | None, added: int) -> None:
+@pytest.mark.parametrize(("pool_nice", "value", "added"), [
+    (0, None, 0),  # a pool's default (the service's): the caller's priority
+    (DECODE_NICE, None, DECODE_NICE),  # what 'pneumoscan predict' asks for
+    (DECODE_NICE, "0", 0), (0, "3", 3), (DECODE_NICE, "40", 19), (DECODE_NICE, "-4", 0), (DECODE_NICE, "high", DECODE_NICE),
+])
+def test_workers_run_at_the_pools_priority(fresh_pool: DecodePool, fixtures_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                           pool_nice: int, value: str | None, added: int) -> None:
     if value is None:
         monkeypatch.delenv(DECODE_NICE_ENV, raising=False)
     else:
         monkeypatch.setenv(DECODE_NICE_ENV, value)
-    assert decode_nice() == added
+    assert decode_nice(pool_nice) == added
+    fresh_pool.nice = pool_nice
     arr, _ = decode_isolated(_film(fixtures_dir), max_side=224)
     assert arr.ndim == 2
     (pid,) = fresh_pool.pids()
-    assert os.getpriority(os.PRIO_PROCESS, pid) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + added)
+    assert _niceness(pid) == min(19, _niceness() + added)
+
+
+@pytest.mark.skipif(not hasattr(os, "getpriority"), reason="POSIX process priorities")
+def test_predict_starts_its_workers_at_a_lower_priority(fresh_pool: DecodePool, fixtures_dir: Path, cli,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(DECODE_NICE_ENV, raising=False)
+    assert fresh_pool.pids() == []
+    r = cli("predict", _film(fixtures_dir), "--format", "json")
+    assert r.code == 0, r.err
+    pids = default_pool().pids()
+    assert pids and all(_niceness(pid) == min(19, _niceness() + DECODE_NICE) for pid in pids)
 
 
 @pytest.mark.skipif(not HAVE_GLIBC, reason="glibc only")

@@ -137,9 +137,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         raise ConfigError("nothing to predict: give image files, folders or glob patterns (or --samples)")
     paths = [p for p, why in entries if why is None]
     if args.decode_timeout and paths:
+        from ..data.decode_pool import DECODE_NICE
         from ..data.isolated import start_decoders
 
-        start_decoders()  # the decoding workers start while the model loads
+        # the decoding workers start while the model loads, at a lower priority than its threads
+        start_decoders(nice=DECODE_NICE)
     predictor = _build_predictor(args)
     heat_dir = Path(args.heatmap) if args.heatmap else None
     heat_names = heatmap_names(paths) if heat_dir is not None else {}

@@ -9,12 +9,15 @@ starts a fresh one. Workers are also replaced after :data:`MAX_TASKS` tasks, aft
 of memory or hitting a decoder bug, and when they hold more than
 :data:`~pneumoscan.data.decode_worker.RETIRE_RSS_BYTES` after a decode.
 
-Workers run at a lower CPU priority than their caller (niceness +:data:`DECODE_NICE`, or
-``$PNEUMOSCAN_DECODE_NICE``; 0 keeps the caller's): on a saturated CPU the model's threads in
-the caller are then not preempted whenever a worker wakes with the next image, while the
-bounded read-ahead of ``predict`` keeps the workers fed. Measured on 2 cores (``pneumoscan
-predict``, 624 images, paired interleaved runs): 6 % less wall time; 14 % together with the
-workers' allocator tuning (:data:`~pneumoscan.utils.runtime.WORKER_MMAP_THRESHOLD`).
+A pool may start its workers at a lower CPU priority than the caller (``nice``;
+``$PNEUMOSCAN_DECODE_NICE`` overrides it, 0 keeps the caller's). ``pneumoscan predict`` does,
+with :data:`DECODE_NICE`: on a saturated CPU the model's threads are then not preempted
+whenever a worker wakes with the next image, while its bounded read-ahead keeps the workers fed.
+Measured on 2 cores (``pneumoscan predict``, 624 images, paired interleaved runs): 6 % less
+wall time; 14 % together with the workers' allocator tuning
+(:data:`~pneumoscan.utils.runtime.WORKER_MMAP_THRESHOLD`). The service keeps its workers at
+its own priority: each request waits for its decode, with nothing read ahead (2–6 % fewer
+requests/s at 8 and 32 concurrent clients with niceness +5).
 
 The caller checks every answer (header size, shape within
 :data:`~pneumoscan.data.limits.MAX_PIXELS`, exact payload size) and unpickles nothing, so a
@@ -49,9 +52,9 @@ log = logging.getLogger(__name__)
 
 #: Tasks a worker runs before it is replaced.
 MAX_TASKS = 500
-#: Niceness the workers add to their caller's (see the module docstring).
+#: Niceness ``pneumoscan predict`` gives its workers over its own (see the module docstring).
 DECODE_NICE = 5
-#: Environment variable that overrides :data:`DECODE_NICE` (an integer, 0 to 19).
+#: Environment variable that overrides a pool's niceness (an integer, 0 to 19).
 DECODE_NICE_ENV = "PNEUMOSCAN_DECODE_NICE"
 #: Longest wait for a new worker to say it is ready (the first also starts the forkserver).
 START_TIMEOUT_S = 60.0
@@ -91,15 +94,15 @@ def _has_input(sock: socket.socket) -> bool:
     return bool(poller.poll(0))
 
 
-def decode_nice() -> int:
+def decode_nice(default: int = 0) -> int:
     """The niceness new workers add to their caller's: ``$PNEUMOSCAN_DECODE_NICE`` (0 to 19)
-    when set to an integer, else :data:`DECODE_NICE`."""
+    when set to an integer, else ``default`` (clamped the same way)."""
     raw = os.environ.get(DECODE_NICE_ENV, "").strip()
     try:
-        return max(0, min(19, int(raw))) if raw else DECODE_NICE
+        return max(0, min(19, int(raw if raw else default)))
     except ValueError:
-        log.warning("%s=%s is not an integer: using %d", DECODE_NICE_ENV, safe_text(raw, 40), DECODE_NICE)
-        return DECODE_NICE
+        log.warning("%s=%s is not an integer: ignored", DECODE_NICE_ENV, safe_text(raw, 40))
+        return max(0, min(19, int(default)))
 
 
 def _prepare_dicom(w: _Worker, name: str) -> None:
@@ -173,15 +176,17 @@ class DecodePool:
     Args:
         workers: most processes (default: ``min(4, usable CPUs)``).
         max_tasks: tasks a worker runs before it is replaced.
+        nice: niceness the workers add to the caller's (:func:`decode_nice`); the attribute
+            ``nice`` may be changed later, for the workers started after.
     """
 
-    def __init__(self, workers: int | None = None, *, max_tasks: int = MAX_TASKS) -> None:
+    def __init__(self, workers: int | None = None, *, max_tasks: int = MAX_TASKS, nice: int = 0) -> None:
         if workers is None:
             cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
             workers = min(4, cpus)
         if workers < 1 or max_tasks < 1:
             raise ValueError(f"workers and max_tasks must be >= 1 (got {workers}, {max_tasks})")
-        self.size, self.max_tasks = int(workers), int(max_tasks)
+        self.size, self.max_tasks, self.nice = int(workers), int(max_tasks), int(nice)
         self._cond = threading.Condition()
         self._idle: list[_Worker] = []  # the most recently used last
         self._live: set[_Worker] = set()  # idle and busy
@@ -307,7 +312,7 @@ class DecodePool:
         """A new worker, once it has said it is ready."""
         ours, theirs = socket.socketpair()
         try:
-            proc = mp_context().Process(target=serve, args=(theirs, decode_nice()), name="pneumoscan-decode", daemon=True)
+            proc = mp_context().Process(target=serve, args=(theirs, decode_nice(self.nice)), name="pneumoscan-decode", daemon=True)
             with _start_lock:
                 proc.start()
         except OSError as e:
@@ -381,15 +386,16 @@ def default_pool() -> DecodePool:
         return _pool
 
 
-def configure_decode_pool(workers: int | None = None, *, max_tasks: int = MAX_TASKS) -> None:
+def configure_decode_pool(workers: int | None = None, *, max_tasks: int = MAX_TASKS, nice: int = 0) -> None:
     """Set the size of the process-wide pool (its current workers are stopped).
 
     Args:
         workers: most processes (``None``: ``min(4, usable CPUs)``).
         max_tasks: tasks a worker runs before it is replaced.
+        nice: niceness the workers add to the caller's.
     """
-    DecodePool(workers, max_tasks=max_tasks)  # validates
-    _settings.update(workers=workers, max_tasks=max_tasks)
+    DecodePool(workers, max_tasks=max_tasks, nice=nice)  # validates
+    _settings.update(workers=workers, max_tasks=max_tasks, nice=nice)
     shutdown_decode_pool()
 
 

@@ -81,7 +81,15 @@ def decode_isolated(
     return arr, meta
 
 
-def start_decoders() -> None:
+def start_decoders(*, nice: int | None = None) -> None:
     """Start the decoding workers in the background, so that they are ready (the first start
-    takes about a second) by the time :func:`decode_isolated` needs them."""
-    default_pool().start()
+    takes about a second) by the time :func:`decode_isolated` needs them.
+
+    Args:
+        nice: niceness the workers started from now on add to this process's (``None``: the
+            pool's setting; see :mod:`pneumoscan.data.decode_pool`).
+    """
+    pool = default_pool()
+    if nice is not None:
+        pool.nice = int(nice)
+    pool.start()
