@@ -97,12 +97,13 @@ def _has_input(sock: socket.socket) -> bool:
 def decode_nice(default: int = 0) -> int:
     """The niceness new workers add to their caller's: ``$PNEUMOSCAN_DECODE_NICE`` (0 to 19)
     when set to an integer, else ``default`` (clamped the same way)."""
-    raw = os.environ.get(DECODE_NICE_ENV, "").strip()
-    try:
-        return max(0, min(19, int(raw if raw else default)))
-    except ValueError:
-        log.warning("%s=%s is not an integer: ignored", DECODE_NICE_ENV, safe_text(raw, 40))
-        return max(0, min(19, int(default)))
+    raw, value = os.environ.get(DECODE_NICE_ENV, "").strip(), int(default)
+    if raw:
+        try:
+            value = int(raw)
+        except ValueError:
+            log.warning("%s=%s is not an integer: ignored", DECODE_NICE_ENV, safe_text(raw, 40))
+    return max(0, min(19, value))
 
 
 def _prepare_dicom(w: _Worker, name: str) -> None:
@@ -386,16 +387,15 @@ def default_pool() -> DecodePool:
         return _pool
 
 
-def configure_decode_pool(workers: int | None = None, *, max_tasks: int = MAX_TASKS, nice: int = 0) -> None:
+def configure_decode_pool(workers: int | None = None, *, max_tasks: int = MAX_TASKS) -> None:
     """Set the size of the process-wide pool (its current workers are stopped).
 
     Args:
         workers: most processes (``None``: ``min(4, usable CPUs)``).
         max_tasks: tasks a worker runs before it is replaced.
-        nice: niceness the workers add to the caller's.
     """
-    DecodePool(workers, max_tasks=max_tasks, nice=nice)  # validates
-    _settings.update(workers=workers, max_tasks=max_tasks, nice=nice)
+    DecodePool(workers, max_tasks=max_tasks)  # validates
+    _settings.update(workers=workers, max_tasks=max_tasks)
     shutdown_decode_pool()
 
 

@@ -233,8 +233,8 @@ def serve(sock: socket.socket, nice: int = 0) -> None:  # pragma: no cover - run
     sock.settimeout(None)
     setting = tune_malloc(WORKER_MMAP_THRESHOLD, WORKER_TRIM_THRESHOLD)
     if nice > 0 and hasattr(os, "nice"):
-        with contextlib.suppress(OSError):  # a lower priority is always allowed; never fail over it
-            os.nice(min(int(nice), 19))
+        with contextlib.suppress(OSError):  # a lower priority is always allowed (the kernel caps it at 19)
+            os.nice(int(nice))
     with contextlib.suppress(EOFError, OSError, ProtocolError):  # the caller has gone: end quietly
         send(sock, {"ready": True, "malloc": setting})
         while True:
